@@ -1,0 +1,1 @@
+//! Helpers for Warren's cluster-level tests: start real `warren` processes on free ports.
