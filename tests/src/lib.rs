@@ -1,1 +1,447 @@
 //! Helpers for Warren's cluster-level tests: start real `warren` processes on free ports.
+//!
+//! Every test either starts its own `warren dev` cluster ([`WarrenDev`]) in a fresh temporary
+//! directory, or, when `WARREN_TEST_AMQP_URL` is set and the test needs no process control,
+//! runs against that broker instead ([`Broker::from_env_or_start`]). Pointing the suite at
+//! RabbitMQ that way proves the expectations themselves are right.
+
+pub mod raw;
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The environment variable that points client tests at an already running broker.
+pub const AMQP_URL_ENV: &str = "WARREN_TEST_AMQP_URL";
+
+/// The environment variable that overrides the `warren` binary under test.
+pub const WARREN_BIN_ENV: &str = "WARREN_BIN";
+
+/// How long `warren dev` gets to print its AMQP URL.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a stopped cluster gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Pick a free loopback port (released before use: a small race tests accept).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The `warren` binary under test: `$WARREN_BIN`, or `target/debug/warren` of this workspace.
+pub fn warren_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(WARREN_BIN_ENV) {
+        return Ok(PathBuf::from(bin));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug").join("warren");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build -p warren` or set {WARREN_BIN_ENV}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The URL with an explicit vhost: by the AMQP URI spec `amqp://host:port/` names the vhost
+/// `""`, which no broker has, while `amqp://host:port` names the default vhost `/`. A URL
+/// whose path is a lone `/` is read as meaning the default vhost.
+pub fn normalize_url(url: &str) -> String {
+    let url = url.trim();
+    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
+    match url[after_scheme..].find('/') {
+        None => format!("{url}/%2f"),
+        Some(i) if after_scheme + i + 1 == url.len() => format!("{url}%2f"),
+        Some(_) => url.to_string(),
+    }
+}
+
+/// `host:port` of an `amqp://user:pass@host:port/vhost` URL.
+pub fn amqp_addr(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .with_context(|| format!("not an amqp:// URL: {url}"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    if host_port.contains(':') {
+        Ok(host_port.to_string())
+    } else {
+        Ok(format!("{host_port}:5672"))
+    }
+}
+
+/// Send `signal` (a name such as `KILL`) to one process, or with `group` to its process group.
+pub fn send_signal(pid: u32, signal: &str, group: bool) -> anyhow::Result<()> {
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(&target)
+        .stderr(Stdio::null())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {target} failed ({status})");
+    }
+    Ok(())
+}
+
+/// True while process `pid` (or, with `group`, any member of its group) exists.
+fn alive(pid: u32, group: bool) -> bool {
+    send_signal(pid, "0", group).is_ok()
+}
+
+/// A `warren dev` cluster (supervisor plus storage and compute children) in its own process
+/// group, with all data in a private temporary directory.
+pub struct WarrenDev {
+    root: tempfile::TempDir,
+    child: Option<Child>,
+    amqp_url: String,
+    amqp_port: u16,
+    http_port: u16,
+    starts: u32,
+}
+
+impl WarrenDev {
+    /// Start a fresh cluster on free ports and wait until it prints its AMQP URL.
+    pub fn start() -> anyhow::Result<WarrenDev> {
+        let root = tempfile::Builder::new()
+            .prefix("warren-test-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let mut dev = WarrenDev {
+            root,
+            child: None,
+            amqp_url: String::new(),
+            amqp_port: 0,
+            http_port: 0,
+            starts: 0,
+        };
+        dev.spawn()?;
+        Ok(dev)
+    }
+
+    /// The URL clients connect to.
+    pub fn amqp_url(&self) -> &str {
+        &self.amqp_url
+    }
+
+    /// The AMQP port of the compute node.
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_port
+    }
+
+    /// The management HTTP port of the compute node.
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    /// The `--data-dir` of the cluster (kept across [`WarrenDev::restart`]).
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// The pid of the supervisor, which is also the id of the cluster's process group.
+    pub fn supervisor_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The pid that `warren dev` recorded for a child, e.g. `pid("storage", 1)`.
+    pub fn pid(&self, role: &str, n: usize) -> anyhow::Result<u32> {
+        let path = self.data_dir().join("run").join(format!("{role}-{n}.pid"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// SIGKILL storage node `n` (the rest of the cluster keeps running).
+    pub fn kill_storage(&self, n: usize) -> anyhow::Result<()> {
+        let pid = self.pid("storage", n)?;
+        send_signal(pid, "KILL", false)?;
+        wait_gone(pid, false, Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// SIGKILL the supervisor and every child at once, as a power cut would.
+    pub fn kill_all_sigkill(&mut self) -> anyhow::Result<()> {
+        let mut pids = Vec::new();
+        for (role, count) in [("storage", 3), ("compute", 1)] {
+            for n in 0..count {
+                if let Ok(pid) = self.pid(role, n) {
+                    pids.push(pid);
+                }
+            }
+        }
+        if let Some(child) = self.child.as_mut() {
+            let pgid = child.id();
+            let _ = send_signal(pgid, "KILL", true);
+            for pid in &pids {
+                // Children normally share the group; this also covers one that left it.
+                let _ = send_signal(*pid, "KILL", false);
+            }
+            let _ = child.wait();
+            wait_gone(pgid, true, Duration::from_secs(10));
+        }
+        self.child = None;
+        for pid in pids {
+            wait_gone(pid, false, Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    /// Stop the cluster gracefully (SIGTERM to the supervisor), killing it after a grace period.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id();
+            let _ = send_signal(pgid, "TERM", false);
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = send_signal(pgid, "KILL", true);
+            let _ = child.wait();
+            wait_gone(pgid, true, Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    /// Start the cluster again on the same data directory (after a stop or a kill), on new
+    /// ports; [`WarrenDev::amqp_url`] changes accordingly.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.spawn()
+    }
+
+    /// The last `lines` lines of the cluster's combined log (all starts).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let path = self.log_path();
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return String::new();
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join("warren-dev.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = warren_bin()?;
+        self.amqp_port = free_port()?;
+        self.http_port = free_port()?;
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening the cluster log")?;
+        let mut child = Command::new(&bin)
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--amqp-port")
+            .arg(self.amqp_port.to_string())
+            .arg("--http-port")
+            .arg(self.http_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Its own process group, so that exactly this cluster can be killed at once.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {} dev", bin.display()))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        self.child = Some(child);
+
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.trim_start().starts_with("amqp://") {
+                    let _ = tx.send(line.trim().to_string());
+                }
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(url) => {
+                    self.amqp_url = normalize_url(&url);
+                    return Ok(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    let _ = self.stop();
+                    bail!(
+                        "warren dev closed its output before printing an amqp:// URL \
+                         (exit: {status:?}); log:\n{}",
+                        self.log_tail(40)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = self.stop();
+                bail!(
+                    "warren dev printed no amqp:// URL within {READY_TIMEOUT:?}; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+        }
+    }
+}
+
+impl Drop for WarrenDev {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- warren dev log ({}) ----\n{}\n----",
+                self.root.path().display(),
+                self.log_tail(60)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id();
+            let _ = send_signal(pgid, "KILL", true);
+            let _ = child.wait();
+            wait_gone(pgid, true, Duration::from_secs(10));
+        }
+    }
+}
+
+fn wait_gone(pid: u32, group: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while alive(pid, group) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The broker a test talks to: an external one named by `WARREN_TEST_AMQP_URL`, or a
+/// `warren dev` cluster the test owns.
+pub enum Broker {
+    /// A broker the test does not control (e.g. RabbitMQ started by `scripts/rabbitmq.sh`).
+    External(String),
+    /// A cluster started for this test.
+    Warren(WarrenDev),
+}
+
+impl Broker {
+    /// `WARREN_TEST_AMQP_URL` if set, otherwise a fresh `warren dev` cluster.
+    pub fn from_env_or_start() -> anyhow::Result<Broker> {
+        match std::env::var(AMQP_URL_ENV) {
+            Ok(url) if !url.is_empty() => Ok(Broker::External(normalize_url(&url))),
+            _ => Ok(Broker::Warren(WarrenDev::start()?)),
+        }
+    }
+
+    /// The URL clients connect to.
+    pub fn url(&self) -> &str {
+        match self {
+            Broker::External(url) => url,
+            Broker::Warren(dev) => dev.amqp_url(),
+        }
+    }
+
+    /// `host:port` of the broker's AMQP listener.
+    pub fn addr(&self) -> String {
+        amqp_addr(self.url()).unwrap_or_else(|_| self.url().to_string())
+    }
+}
+
+/// A name unique to this process and call, for queues and exchanges that must not collide
+/// with other tests sharing a broker.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
+}
+
+/// Connect with lapin and push one confirmed message through a fresh queue: proof that the
+/// broker still serves well-behaved clients.
+pub async fn assert_broker_serves(url: &str) -> anyhow::Result<()> {
+    use lapin::options::{
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    let work = async {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting a healthy client")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let queue = unique_name("healthy");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"still serving",
+                lapin::BasicProperties::default(),
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("publish on a healthy connection was not acked: {confirm:?}");
+        }
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await?
+            .context("the message published on a healthy connection is missing")?;
+        if got.delivery.data != b"still serving" {
+            bail!(
+                "wrong body on a healthy connection: {:?}",
+                got.delivery.data
+            );
+        }
+        conn.close(200, "bye".into()).await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .context("healthy round trip timed out")?
+}
