@@ -1,0 +1,188 @@
+"""Shared harness for Warren's Python client tests.
+
+Every test session starts its own ``warren dev`` cluster on free ports in a temporary
+directory and kills exactly that process group at the end, unless WARREN_TEST_AMQP_URL
+names a running broker (e.g. RabbitMQ from scripts/rabbitmq.sh), which is then used instead.
+"""
+
+import os
+import pathlib
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+
+import pika
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 120.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def normalize_url(url):
+    """Read a URL whose path is a lone '/' as naming the default vhost '/'."""
+    url = url.strip()
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit(parts._replace(path="/%2f"))
+    return url
+
+
+def parse_url(url):
+    """(host, port, user, password, vhost) of an amqp:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    vhost = urllib.parse.unquote(parts.path[1:]) if parts.path else "/"
+    return (
+        parts.hostname,
+        parts.port or 5672,
+        urllib.parse.unquote(parts.username or "guest"),
+        urllib.parse.unquote(parts.password or "guest"),
+        vhost,
+    )
+
+
+class WarrenDev:
+    """A `warren dev` cluster in its own process group."""
+
+    def __init__(self):
+        self.root = tempfile.mkdtemp(prefix="warren-pytest-")
+        self.bin = os.environ.get("WARREN_BIN", str(ROOT / "target" / "debug" / "warren"))
+        if not os.path.exists(self.bin):
+            raise RuntimeError(f"{self.bin} not found: run `cargo build -p warren` or set WARREN_BIN")
+        self.log_path = os.path.join(self.root, "warren-dev.log")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                self.bin, "dev",
+                "--data-dir", os.path.join(self.root, "data"),
+                "--amqp-port", str(free_port()),
+                "--http-port", str(free_port()),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            start_new_session=True,  # own process group: killed as one
+        )
+        lines = queue.Queue()
+
+        def read():
+            for raw in self.proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("amqp://"):
+                    lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            line = lines.get(timeout=READY_TIMEOUT)
+        except queue.Empty:
+            line = None
+        if line is None:
+            tail = self.log_tail()
+            self.stop()
+            raise RuntimeError(f"warren dev printed no amqp:// URL; log tail:\n{tail}")
+        self.url = normalize_url(line)
+
+    def log_tail(self, n=40):
+        try:
+            with open(self.log_path, "rb") as f:
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    env = os.environ.get("WARREN_TEST_AMQP_URL")
+    if env:
+        yield normalize_url(env)
+        return
+    dev = WarrenDev()
+    try:
+        yield dev.url
+    finally:
+        dev.stop()
+
+
+def pika_params(url, **overrides):
+    host, port, user, password, vhost = parse_url(url)
+    options = dict(
+        host=host,
+        port=port,
+        virtual_host=vhost,
+        credentials=pika.PlainCredentials(user, password),
+        connection_attempts=1,
+        socket_timeout=15,
+        stack_timeout=30,
+        blocked_connection_timeout=60,
+    )
+    options.update(overrides)
+    return pika.ConnectionParameters(**options)
+
+
+@pytest.fixture
+def connection(amqp_url):
+    conn = pika.BlockingConnection(pika_params(amqp_url))
+    try:
+        yield conn
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+@pytest.fixture
+def channel(connection):
+    return connection.channel()
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def drain(channel, queue_name):
+    """Every message now in the queue, by basic.get with auto-ack."""
+    bodies = []
+    while True:
+        method, _props, body = channel.basic_get(queue_name, auto_ack=True)
+        if method is None:
+            return bodies
+        bodies.append(body)
+
+
+def wait_for(predicate, connection, timeout=30.0):
+    """Process I/O until predicate() holds; fail after timeout (a hang guard, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        connection.process_data_events(time_limit=0.1)
