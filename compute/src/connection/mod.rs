@@ -1,0 +1,3 @@
+//! One client connection.
+
+pub mod frame;

@@ -1,0 +1,50 @@
+//! A published message as Warren keeps it: routing info, the content header's property
+//! bytes exactly as the publisher sent them (re-sent verbatim on delivery), and the body.
+
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+/// One message, shared (behind an `Arc`) by every queue it was routed to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Property flags and property list, as on the wire (after class, weight and size).
+    pub properties_raw: Bytes,
+    /// The body.
+    pub body: Bytes,
+    /// delivery_mode == 2.
+    pub persistent: bool,
+}
+
+impl Message {
+    /// Decode the properties (for headers-exchange routing and tests).
+    pub fn properties(&self) -> Option<BasicProperties> {
+        parse_properties(&self.properties_raw)
+    }
+
+    /// The `headers` property, if any.
+    pub fn headers(&self) -> Option<FieldTable> {
+        self.properties().and_then(|p| p.headers().clone())
+    }
+}
+
+/// Decode a property list; `None` if malformed.
+pub fn parse_properties(raw: &[u8]) -> Option<BasicProperties> {
+    amq_protocol::protocol::basic::parse_properties(raw)
+        .ok()
+        .map(|(_, p)| p)
+}
+
+/// Encode properties into the wire form kept in [`Message::properties_raw`].
+pub fn encode_properties(props: &BasicProperties) -> Bytes {
+    let ctx = amq_protocol::protocol::basic::gen_properties(props)(Vec::new().into());
+    match ctx {
+        Ok(ctx) => Bytes::from(ctx.into_inner().0),
+        // Serialising into a growable Vec cannot run out of space.
+        Err(_) => Bytes::from_static(&[0, 0]),
+    }
+}

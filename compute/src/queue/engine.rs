@@ -1,0 +1,701 @@
+//! The queue engine: an I/O-free state machine holding a queue's ready list, its unacked
+//! deliveries, and its consumers with their prefetch credit. The owner task feeds it
+//! commands and performs the deliveries and log writes it asks for.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::message::Message;
+
+/// A message's position in its queue: assigned at enqueue, increasing.
+pub type Seq = u64;
+
+/// One open channel, cluster-unique: a reopened channel number gets a new serial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelKey {
+    /// Connection id on this node.
+    pub conn: u64,
+    /// The AMQP channel number.
+    pub channel: u16,
+    /// Unique per channel.open on this node.
+    pub serial: u64,
+}
+
+/// A consumer, unique on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerId(pub u64);
+
+/// A channel's shared prefetch limit (basic.qos global=true), counted across all queues.
+#[derive(Debug, Default)]
+pub struct ChannelLimiter {
+    limit: AtomicU32,
+    unacked: AtomicU32,
+    blocked: AtomicBool,
+}
+
+impl ChannelLimiter {
+    /// Set the limit (0 = none).
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    /// Take one unit of credit if available; remembers a refusal so releases can wake queues.
+    pub fn try_acquire(&self) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
+        if limit == 0 {
+            self.unacked.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        let mut cur = self.unacked.load(Ordering::Acquire);
+        loop {
+            if cur >= limit {
+                self.blocked.store(true, Ordering::Release);
+                return false;
+            }
+            match self.unacked.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Return `n` units; true if some queue was refused credit and should be woken.
+    pub fn release(&self, n: u32) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let _ = self
+            .unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c.saturating_sub(n))
+            });
+        self.blocked.swap(false, Ordering::AcqRel)
+    }
+
+    /// Deliveries currently counted.
+    pub fn unacked(&self) -> u32 {
+        self.unacked.load(Ordering::Acquire)
+    }
+}
+
+/// What a consumer asked for in basic.consume (plus the channel's qos at that time).
+#[derive(Clone, Debug)]
+pub struct ConsumerSpec {
+    /// Its id.
+    pub id: ConsumerId,
+    /// Its channel.
+    pub channel: ChannelKey,
+    /// The consumer tag.
+    pub tag: Arc<str>,
+    /// Deliveries are settled when sent.
+    pub no_ack: bool,
+    /// Only consumer of the queue.
+    pub exclusive: bool,
+    /// Per-consumer prefetch (0 = unlimited).
+    pub prefetch: u16,
+    /// `x-priority`: higher is served first.
+    pub priority: i32,
+    /// The channel-wide prefetch limit, if the channel set one.
+    pub limiter: Option<Arc<ChannelLimiter>>,
+}
+
+/// A message in the queue.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Its position.
+    pub seq: Seq,
+    /// The message.
+    pub msg: Arc<Message>,
+    /// Delivered before (requeued, or recovered after a takeover).
+    pub redelivered: bool,
+    /// Written to the durable log (so its settlement must be logged too).
+    pub durable: bool,
+}
+
+/// A delivery the owner must send to a consumer.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The consumer.
+    pub consumer: ConsumerId,
+    /// Its channel.
+    pub channel: ChannelKey,
+    /// Its tag.
+    pub tag: Arc<str>,
+    /// The message's position (the channel's ack refers to it).
+    pub seq: Seq,
+    /// The message.
+    pub msg: Arc<Message>,
+    /// The redelivered flag.
+    pub redelivered: bool,
+    /// Settled on send: the channel must not expect an ack.
+    pub no_ack: bool,
+}
+
+/// Why the engine refused a consumer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsumeError {
+    /// The queue has an exclusive consumer, or an exclusive consumer asked for a queue in use.
+    ExclusiveInUse,
+}
+
+struct Consumer {
+    spec: ConsumerSpec,
+    unacked: u32,
+}
+
+impl Consumer {
+    fn take_credit(&mut self) -> bool {
+        if self.spec.no_ack {
+            return true;
+        }
+        if self.spec.prefetch != 0 && self.unacked >= u32::from(self.spec.prefetch) {
+            return false;
+        }
+        if let Some(l) = &self.spec.limiter
+            && !l.try_acquire()
+        {
+            return false;
+        }
+        self.unacked += 1;
+        true
+    }
+}
+
+struct Unacked {
+    entry: Entry,
+    channel: ChannelKey,
+    consumer: Option<ConsumerId>,
+}
+
+/// The state of one queue.
+#[derive(Default)]
+pub struct QueueEngine {
+    ready: VecDeque<Entry>,
+    unacked: HashMap<Seq, Unacked>,
+    consumers: HashMap<ConsumerId, Consumer>,
+    rings: BTreeMap<Reverse<i32>, VecDeque<ConsumerId>>,
+    next_seq: Seq,
+    exclusive_consumer: bool,
+    had_consumer: bool,
+    settled: Vec<Seq>,
+}
+
+impl QueueEngine {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ready messages (what queue.declare-ok and basic.get-ok report).
+    pub fn ready_count(&self) -> u32 {
+        u32::try_from(self.ready.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Delivered, not yet settled messages.
+    pub fn unacked_count(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Consumers attached.
+    pub fn consumer_count(&self) -> u32 {
+        u32::try_from(self.consumers.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Had a consumer once and has none now (auto-delete rule).
+    pub fn is_unused(&self) -> bool {
+        self.had_consumer && self.consumers.is_empty()
+    }
+
+    /// Durable messages settled since the last call: the owner logs them.
+    pub fn take_settled(&mut self) -> Vec<Seq> {
+        std::mem::take(&mut self.settled)
+    }
+
+    /// Add a message at the tail; returns its position.
+    pub fn enqueue(&mut self, msg: Arc<Message>, durable: bool) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ready.push_back(Entry {
+            seq,
+            msg,
+            redelivered: false,
+            durable,
+        });
+        seq
+    }
+
+    /// Put back a message recovered from the log (replay), keeping its position.
+    pub fn restore(&mut self, entry: Entry) {
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        self.insert_ready(entry);
+    }
+
+    /// Drop a restored message that the log says was settled.
+    pub fn forget(&mut self, seq: Seq) -> bool {
+        if let Ok(i) = self.ready.binary_search_by_key(&seq, |e| e.seq) {
+            self.ready.remove(i);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next position to assign (replay continues numbering after it).
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// Make sure positions continue after `seq`.
+    pub fn bump_seq(&mut self, seq: Seq) {
+        self.next_seq = self.next_seq.max(seq);
+    }
+
+    fn insert_ready(&mut self, entry: Entry) {
+        // Requeued messages go back to their original place, as in RabbitMQ.
+        match self.ready.back() {
+            None => self.ready.push_back(entry),
+            Some(b) if b.seq < entry.seq => self.ready.push_back(entry),
+            _ => {
+                let i = self.ready.partition_point(|e| e.seq < entry.seq);
+                self.ready.insert(i, entry);
+            }
+        }
+    }
+
+    /// Attach a consumer.
+    pub fn add_consumer(&mut self, spec: ConsumerSpec) -> Result<(), ConsumeError> {
+        if self.exclusive_consumer || (spec.exclusive && !self.consumers.is_empty()) {
+            return Err(ConsumeError::ExclusiveInUse);
+        }
+        self.exclusive_consumer = spec.exclusive;
+        self.had_consumer = true;
+        self.rings
+            .entry(Reverse(spec.priority))
+            .or_default()
+            .push_back(spec.id);
+        self.consumers.insert(
+            spec.id,
+            Consumer {
+                spec,
+                unacked: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Detach a consumer; its unacked deliveries stay with its channel. False if unknown.
+    pub fn cancel(&mut self, id: ConsumerId) -> bool {
+        let Some(c) = self.consumers.remove(&id) else {
+            return false;
+        };
+        if c.spec.exclusive {
+            self.exclusive_consumer = false;
+        }
+        let key = Reverse(c.spec.priority);
+        if let Some(ring) = self.rings.get_mut(&key) {
+            ring.retain(|x| *x != id);
+            if ring.is_empty() {
+                self.rings.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Consumers of one channel (for basic.cancel on queue deletion).
+    pub fn consumers_of(&self) -> Vec<(ConsumerId, ChannelKey, Arc<str>)> {
+        self.consumers
+            .values()
+            .map(|c| (c.spec.id, c.spec.channel, c.spec.tag.clone()))
+            .collect()
+    }
+
+    /// Hand ready messages to consumers with credit, round-robin within the highest priority.
+    pub fn dispatch(&mut self, out: &mut Vec<Delivery>) {
+        while !self.ready.is_empty() {
+            let Some(cid) = self.pick_consumer() else {
+                break;
+            };
+            let Some(entry) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(c) = self.consumers.get(&cid) else {
+                break;
+            };
+            let spec = &c.spec;
+            out.push(Delivery {
+                consumer: cid,
+                channel: spec.channel,
+                tag: spec.tag.clone(),
+                seq: entry.seq,
+                msg: entry.msg.clone(),
+                redelivered: entry.redelivered,
+                no_ack: spec.no_ack,
+            });
+            if spec.no_ack {
+                if entry.durable {
+                    self.settled.push(entry.seq);
+                }
+            } else {
+                let channel = spec.channel;
+                self.unacked.insert(
+                    entry.seq,
+                    Unacked {
+                        entry,
+                        channel,
+                        consumer: Some(cid),
+                    },
+                );
+            }
+        }
+    }
+
+    fn pick_consumer(&mut self) -> Option<ConsumerId> {
+        let consumers = &mut self.consumers;
+        for ring in self.rings.values_mut() {
+            for _ in 0..ring.len() {
+                let cid = ring.pop_front()?;
+                ring.push_back(cid);
+                if let Some(c) = consumers.get_mut(&cid)
+                    && c.take_credit()
+                {
+                    return Some(cid);
+                }
+            }
+        }
+        None
+    }
+
+    /// basic.get: the head message, and how many remain ready after it.
+    pub fn get(&mut self, channel: ChannelKey, no_ack: bool) -> Option<(Entry, u32)> {
+        let entry = self.ready.pop_front()?;
+        if no_ack {
+            if entry.durable {
+                self.settled.push(entry.seq);
+            }
+        } else {
+            self.unacked.insert(
+                entry.seq,
+                Unacked {
+                    entry: entry.clone(),
+                    channel,
+                    consumer: None,
+                },
+            );
+        }
+        Some((entry, self.ready_count()))
+    }
+
+    fn take_unacked(&mut self, channel: ChannelKey, seq: Seq) -> Option<Unacked> {
+        match self.unacked.get(&seq) {
+            Some(u) if u.channel == channel => {}
+            _ => return None,
+        }
+        let u = self.unacked.remove(&seq)?;
+        if let Some(cid) = u.consumer
+            && let Some(c) = self.consumers.get_mut(&cid)
+        {
+            c.unacked = c.unacked.saturating_sub(1);
+        }
+        Some(u)
+    }
+
+    /// Settle deliveries (basic.ack, or reject/nack without requeue).
+    pub fn ack(&mut self, channel: ChannelKey, seqs: &[Seq]) {
+        for &seq in seqs {
+            if let Some(u) = self.take_unacked(channel, seq)
+                && u.entry.durable
+            {
+                self.settled.push(seq);
+            }
+        }
+    }
+
+    /// Return deliveries to the ready list, marked redelivered.
+    pub fn requeue(&mut self, channel: ChannelKey, seqs: &[Seq]) {
+        for &seq in seqs {
+            if let Some(u) = self.take_unacked(channel, seq) {
+                let mut entry = u.entry;
+                entry.redelivered = true;
+                self.insert_ready(entry);
+            }
+        }
+    }
+
+    /// A channel closed: drop its consumers and requeue everything it held.
+    pub fn channel_closed(&mut self, channel: ChannelKey) {
+        let ids: Vec<ConsumerId> = self
+            .consumers
+            .values()
+            .filter(|c| c.spec.channel == channel)
+            .map(|c| c.spec.id)
+            .collect();
+        for id in ids {
+            self.cancel(id);
+        }
+        let mut seqs: Vec<Seq> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.channel == channel)
+            .map(|(s, _)| *s)
+            .collect();
+        seqs.sort_unstable();
+        self.requeue(channel, &seqs);
+    }
+
+    /// queue.purge: drop every ready message; returns how many.
+    pub fn purge(&mut self) -> u32 {
+        let n = self.ready_count();
+        for e in self.ready.drain(..) {
+            if e.durable {
+                self.settled.push(e.seq);
+            }
+        }
+        n
+    }
+
+    /// Lowest position still live (ready or unacked), for trimming the log.
+    pub fn lowest_live(&self) -> Option<Seq> {
+        let r = self.ready.front().map(|e| e.seq);
+        let u = self.unacked.keys().min().copied();
+        match (r, u) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(body: &str) -> Arc<Message> {
+        Arc::new(Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties_raw: Bytes::from_static(&[0, 0]),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            persistent: false,
+        })
+    }
+
+    fn ch(n: u16) -> ChannelKey {
+        ChannelKey {
+            conn: 1,
+            channel: n,
+            serial: u64::from(n),
+        }
+    }
+
+    fn consumer(id: u64, channel: ChannelKey, prefetch: u16) -> ConsumerSpec {
+        ConsumerSpec {
+            id: ConsumerId(id),
+            channel,
+            tag: format!("ctag{id}").into(),
+            no_ack: false,
+            exclusive: false,
+            prefetch,
+            priority: 0,
+            limiter: None,
+        }
+    }
+
+    fn bodies(d: &[Delivery]) -> Vec<String> {
+        d.iter()
+            .map(|d| String::from_utf8(d.msg.body.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_between_consumers() {
+        let mut q = QueueEngine::new();
+        q.add_consumer(consumer(1, ch(1), 0)).unwrap();
+        q.add_consumer(consumer(2, ch(1), 0)).unwrap();
+        for i in 0..4 {
+            q.enqueue(msg(&i.to_string()), false);
+        }
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        let who: Vec<u64> = out.iter().map(|d| d.consumer.0).collect();
+        assert_eq!(who, vec![1, 2, 1, 2]);
+        assert_eq!(bodies(&out), vec!["0", "1", "2", "3"]);
+    }
+
+    #[test]
+    fn prefetch_table() {
+        // (per-consumer prefetch, channel-wide limit, messages, acks after first dispatch,
+        //  delivered first, delivered after acks)
+        let cases: &[(u16, u32, usize, usize, usize, usize)] = &[
+            (0, 0, 10, 0, 10, 0),
+            (1, 0, 10, 1, 1, 1),
+            (3, 0, 10, 2, 3, 2),
+            (0, 2, 10, 2, 2, 2),
+            (5, 2, 10, 1, 2, 1),
+            (2, 5, 10, 2, 2, 2),
+        ];
+        for (i, &(prefetch, global, n, acks, first, second)) in cases.iter().enumerate() {
+            let mut q = QueueEngine::new();
+            let limiter = Arc::new(ChannelLimiter::default());
+            limiter.set_limit(global);
+            let mut spec = consumer(1, ch(1), prefetch);
+            spec.limiter = Some(limiter.clone());
+            q.add_consumer(spec).unwrap();
+            for j in 0..n {
+                q.enqueue(msg(&j.to_string()), false);
+            }
+            let mut out = Vec::new();
+            q.dispatch(&mut out);
+            assert_eq!(out.len(), first, "case {i} first");
+            let seqs: Vec<Seq> = out.iter().take(acks).map(|d| d.seq).collect();
+            q.ack(ch(1), &seqs);
+            limiter.release(u32::try_from(seqs.len()).unwrap());
+            let mut out2 = Vec::new();
+            q.dispatch(&mut out2);
+            assert_eq!(out2.len(), second, "case {i} second");
+        }
+    }
+
+    #[test]
+    fn channel_limit_is_shared_between_queues() {
+        let limiter = Arc::new(ChannelLimiter::default());
+        limiter.set_limit(3);
+        let mut a = QueueEngine::new();
+        let mut b = QueueEngine::new();
+        for (q, id) in [(&mut a, 1), (&mut b, 2)] {
+            let mut spec = consumer(id, ch(1), 0);
+            spec.limiter = Some(limiter.clone());
+            q.add_consumer(spec).unwrap();
+            for j in 0..5 {
+                q.enqueue(msg(&j.to_string()), false);
+            }
+        }
+        let mut out = Vec::new();
+        a.dispatch(&mut out);
+        b.dispatch(&mut out);
+        assert_eq!(out.len(), 3);
+        assert!(limiter.release(1), "a refused queue must be woken");
+    }
+
+    #[test]
+    fn requeue_marks_redelivered_and_keeps_order() {
+        let mut q = QueueEngine::new();
+        for j in 0..3 {
+            q.enqueue(msg(&j.to_string()), false);
+        }
+        let (e0, _) = q.get(ch(1), false).unwrap();
+        let (e1, left) = q.get(ch(1), false).unwrap();
+        assert_eq!(left, 1);
+        q.requeue(ch(1), &[e1.seq]);
+        q.requeue(ch(1), &[e0.seq]);
+        let got: Vec<(String, bool)> = (0..3)
+            .map(|_| {
+                let (e, _) = q.get(ch(1), true).unwrap();
+                (String::from_utf8(e.msg.body.to_vec()).unwrap(), e.redelivered)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("0".into(), true), ("1".into(), true), ("2".into(), false)]
+        );
+        assert!(q.get(ch(1), true).is_none());
+    }
+
+    #[test]
+    fn acks_from_another_channel_are_ignored() {
+        let mut q = QueueEngine::new();
+        q.enqueue(msg("a"), true);
+        let (e, _) = q.get(ch(1), false).unwrap();
+        q.ack(ch(2), &[e.seq]);
+        assert_eq!(q.unacked_count(), 1);
+        q.ack(ch(1), &[e.seq]);
+        assert_eq!(q.unacked_count(), 0);
+        assert_eq!(q.take_settled(), vec![e.seq]);
+    }
+
+    #[test]
+    fn channel_close_requeues_and_drops_consumers() {
+        let mut q = QueueEngine::new();
+        q.add_consumer(consumer(1, ch(1), 0)).unwrap();
+        q.enqueue(msg("a"), false);
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        assert_eq!(out.len(), 1);
+        q.channel_closed(ch(1));
+        assert_eq!(q.consumer_count(), 0);
+        assert!(q.is_unused());
+        assert_eq!(q.ready_count(), 1);
+        q.add_consumer(consumer(2, ch(2), 0)).unwrap();
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        assert!(out[0].redelivered);
+    }
+
+    #[test]
+    fn exclusive_consumer_rules() {
+        let mut q = QueueEngine::new();
+        let mut ex = consumer(1, ch(1), 0);
+        ex.exclusive = true;
+        q.add_consumer(ex).unwrap();
+        assert_eq!(
+            q.add_consumer(consumer(2, ch(1), 0)),
+            Err(ConsumeError::ExclusiveInUse)
+        );
+        q.cancel(ConsumerId(1));
+        q.add_consumer(consumer(2, ch(1), 0)).unwrap();
+        let mut ex = consumer(3, ch(1), 0);
+        ex.exclusive = true;
+        assert_eq!(q.add_consumer(ex), Err(ConsumeError::ExclusiveInUse));
+    }
+
+    #[test]
+    fn higher_priority_consumers_are_served_first() {
+        let mut q = QueueEngine::new();
+        q.add_consumer(consumer(1, ch(1), 1)).unwrap();
+        let mut hi = consumer(2, ch(1), 1);
+        hi.priority = 10;
+        q.add_consumer(hi).unwrap();
+        for j in 0..3 {
+            q.enqueue(msg(&j.to_string()), false);
+        }
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        let who: Vec<u64> = out.iter().map(|d| d.consumer.0).collect();
+        assert_eq!(who, vec![2, 1]);
+    }
+
+    #[test]
+    fn purge_counts_ready_only_and_settles_durable() {
+        let mut q = QueueEngine::new();
+        q.enqueue(msg("a"), true);
+        q.enqueue(msg("b"), false);
+        q.enqueue(msg("c"), true);
+        let (e, _) = q.get(ch(1), false).unwrap();
+        assert_eq!(q.purge(), 2);
+        assert_eq!(q.take_settled(), vec![2]);
+        assert_eq!(q.lowest_live(), Some(e.seq));
+    }
+
+    #[test]
+    fn no_ack_consumers_settle_on_delivery() {
+        let mut q = QueueEngine::new();
+        let mut c = consumer(1, ch(1), 1);
+        c.no_ack = true;
+        q.add_consumer(c).unwrap();
+        for j in 0..5 {
+            q.enqueue(msg(&j.to_string()), true);
+        }
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        assert_eq!(out.len(), 5, "prefetch does not apply to no-ack consumers");
+        assert_eq!(q.take_settled().len(), 5);
+        assert_eq!(q.unacked_count(), 0);
+    }
+}

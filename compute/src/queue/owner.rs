@@ -1,0 +1,534 @@
+//! The queue owner: one task per queue holding its engine, fed by a bounded command
+//! channel, writing enqueue and settlement records to the queue's log, and pushing
+//! deliveries and confirms to connections.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+use warren_storage::StorageError;
+
+use super::engine::{ChannelKey, ConsumeError, ConsumerId, ConsumerSpec, Delivery, Entry, QueueEngine, Seq};
+use super::log::{AppendFuture, QueueLog};
+use super::record::{self, Record};
+use crate::message::Message;
+
+/// Commands a queue owner accepts, at most this many queued per queue.
+pub const QUEUE_CHANNEL_CAPACITY: usize = 4096;
+/// Commands handled before the owner flushes a batch to its log and consumers.
+const MAX_BATCH: usize = 512;
+
+/// Events a queue owner sends to a connection.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// Messages for consumers on this connection.
+    Deliver {
+        /// The queue they come from (acks go back to it).
+        queue: QueueHandle,
+        /// The deliveries, in order.
+        deliveries: Vec<Delivery>,
+    },
+    /// Publishes on a channel settled by a queue: `ok` false means nack.
+    Confirm {
+        /// The publishing channel.
+        channel: ChannelKey,
+        /// Publish sequence numbers.
+        seqs: Vec<u64>,
+        /// Durably stored (or stored in memory for the transient path).
+        ok: bool,
+    },
+    /// The queue went away under a consumer (deleted, or its owner lost the log).
+    Cancelled {
+        /// The consumer's channel.
+        channel: ChannelKey,
+        /// The consumer tag.
+        tag: Arc<str>,
+    },
+}
+
+/// Where a connection receives events; unbounded because prefetch bounds deliveries and
+/// the owner must never wait on a connection (connections wait on owners).
+pub type ConnSink = mpsc::UnboundedSender<ConnEvent>;
+
+/// Whom to confirm a publish to.
+#[derive(Clone, Debug)]
+pub struct ConfirmTo {
+    /// The publisher's connection.
+    pub sink: ConnSink,
+    /// The publisher's channel.
+    pub channel: ChannelKey,
+    /// The publish sequence number.
+    pub seq: u64,
+}
+
+/// Current counts of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Ready messages.
+    pub messages: u32,
+    /// Consumers.
+    pub consumers: u32,
+}
+
+/// A command for a queue owner.
+#[derive(Debug)]
+pub enum QueueCmd {
+    /// Enqueue a message.
+    Publish {
+        /// The message.
+        msg: Arc<Message>,
+        /// Confirm to this channel once stored.
+        confirm: Option<ConfirmTo>,
+    },
+    /// Attach a consumer.
+    Consume {
+        /// The consumer.
+        spec: ConsumerSpec,
+        /// Its connection.
+        sink: ConnSink,
+        /// The answer.
+        reply: oneshot::Sender<Result<QueueStats, ConsumeError>>,
+    },
+    /// Detach a consumer.
+    Cancel {
+        /// The consumer.
+        id: ConsumerId,
+        /// Answered once detached.
+        reply: Option<oneshot::Sender<()>>,
+    },
+    /// Settle deliveries.
+    Ack {
+        /// The channel that received them.
+        channel: ChannelKey,
+        /// Their positions.
+        seqs: Vec<Seq>,
+    },
+    /// Reject deliveries (requeue or drop).
+    Reject {
+        /// The channel that received them.
+        channel: ChannelKey,
+        /// Their positions.
+        seqs: Vec<Seq>,
+        /// Put them back instead of dropping them.
+        requeue: bool,
+    },
+    /// A channel closed: requeue its deliveries and drop its consumers.
+    ChannelClosed {
+        /// The channel.
+        channel: ChannelKey,
+    },
+    /// basic.get.
+    Get {
+        /// The channel asking.
+        channel: ChannelKey,
+        /// Settle on send.
+        no_ack: bool,
+        /// The head message and the ready count after it.
+        reply: oneshot::Sender<Option<(Entry, u32)>>,
+    },
+    /// queue.purge.
+    Purge {
+        /// How many ready messages were dropped.
+        reply: oneshot::Sender<u32>,
+    },
+    /// Counts for queue.declare-ok.
+    Stats {
+        /// The counts.
+        reply: oneshot::Sender<QueueStats>,
+    },
+    /// queue.delete: checks the conditions and stops the owner.
+    Delete {
+        /// Refuse if it has consumers.
+        if_unused: bool,
+        /// Refuse if it has ready messages.
+        if_empty: bool,
+        /// Ready count at deletion, or which condition failed.
+        reply: oneshot::Sender<Result<u32, DeleteRefused>>,
+    },
+    /// Credit came back on a channel-wide limit: try to deliver.
+    Wake,
+}
+
+/// Why queue.delete was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteRefused {
+    /// `if_unused` and the queue has consumers.
+    InUse,
+    /// `if_empty` and the queue has messages.
+    NotEmpty,
+}
+
+/// What identifies a queue to connections.
+#[derive(Debug)]
+pub struct QueueShared {
+    /// Node-unique id of this owner incarnation.
+    pub id: u64,
+    /// The vhost.
+    pub vhost: String,
+    /// The queue name.
+    pub name: String,
+    /// Durable queue.
+    pub durable: bool,
+    /// The owner's command channel.
+    pub tx: mpsc::Sender<QueueCmd>,
+}
+
+/// A cheap handle to a running queue owner.
+#[derive(Clone, Debug)]
+pub struct QueueHandle(pub Arc<QueueShared>);
+
+impl QueueHandle {
+    /// Send a command; `false` if the owner has stopped.
+    pub async fn send(&self, cmd: QueueCmd) -> bool {
+        self.0.tx.send(cmd).await.is_ok()
+    }
+
+    /// The shared part.
+    pub fn shared(&self) -> &QueueShared {
+        &self.0
+    }
+
+    /// Whether the owner has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.0.tx.is_closed()
+    }
+}
+
+/// Called once when an auto-delete queue loses its last consumer, or the owner stops.
+pub type OwnerExit = Box<dyn FnOnce(ExitReason) + Send>;
+
+/// Why an owner stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// queue.delete.
+    Deleted,
+    /// An auto-delete queue lost its last consumer.
+    AutoDeleted,
+    /// The log failed (fenced by a newer owner, or storage lost).
+    LogFailed,
+}
+
+/// Replay a log into a fresh engine: enqueue records restore messages (marked redelivered,
+/// since a previous owner may have delivered them), settle records remove them.
+pub fn replay(records: Vec<bytes::Bytes>) -> Result<QueueEngine, record::CorruptRecord> {
+    let mut engine = QueueEngine::new();
+    let mut max_seq = 0;
+    for rec in records {
+        match record::decode(rec)? {
+            Record::Enqueue(items) => {
+                for (seq, msg) in items {
+                    max_seq = max_seq.max(seq + 1);
+                    engine.restore(Entry {
+                        seq,
+                        msg: Arc::new(msg),
+                        redelivered: true,
+                        durable: true,
+                    });
+                }
+            }
+            Record::Settle(seqs) => {
+                for s in seqs {
+                    engine.forget(s);
+                }
+            }
+        }
+    }
+    engine.bump_seq(max_seq);
+    Ok(engine)
+}
+
+struct PendingAppend {
+    fut: AppendFuture,
+    confirms: Vec<ConfirmTo>,
+}
+
+/// The owner's state besides the engine.
+pub struct Owner<L: QueueLog> {
+    engine: QueueEngine,
+    log: L,
+    handle: QueueHandle,
+    auto_delete: bool,
+    sinks: HashMap<u64, ConnSink>,
+    on_exit: Option<OwnerExit>,
+    appends: mpsc::UnboundedSender<PendingAppend>,
+    failures: mpsc::UnboundedReceiver<StorageError>,
+    batch_durable: Vec<(Seq, Arc<Message>)>,
+    batch_confirms_durable: Vec<ConfirmTo>,
+    batch_confirms_now: Vec<ConfirmTo>,
+    deliveries: Vec<Delivery>,
+}
+
+/// Start an owner task for a queue whose engine was rebuilt from `log`.
+pub fn spawn<L: QueueLog>(
+    engine: QueueEngine,
+    log: L,
+    handle_parts: (u64, String, String, bool),
+    auto_delete: bool,
+    on_exit: OwnerExit,
+) -> QueueHandle {
+    let (tx, rx) = mpsc::channel(QUEUE_CHANNEL_CAPACITY);
+    let (id, vhost, name, durable) = handle_parts;
+    let handle = QueueHandle(Arc::new(QueueShared {
+        id,
+        vhost,
+        name,
+        durable,
+        tx,
+    }));
+    let (appends, appends_rx) = mpsc::unbounded_channel();
+    let (fail_tx, failures) = mpsc::unbounded_channel();
+    tokio::spawn(confirmer(appends_rx, fail_tx));
+    let owner = Owner {
+        engine,
+        log,
+        handle: handle.clone(),
+        auto_delete,
+        sinks: HashMap::new(),
+        on_exit: Some(on_exit),
+        appends,
+        failures,
+        batch_durable: Vec::new(),
+        batch_confirms_durable: Vec::new(),
+        batch_confirms_now: Vec::new(),
+        deliveries: Vec::new(),
+    };
+    tokio::spawn(owner.run(rx));
+    handle
+}
+
+async fn confirmer(
+    mut rx: mpsc::UnboundedReceiver<PendingAppend>,
+    failures: mpsc::UnboundedSender<StorageError>,
+) {
+    let mut failed = false;
+    while let Some(p) = rx.recv().await {
+        let ok = if failed {
+            false
+        } else {
+            match p.fut.await {
+                Ok(_) => true,
+                Err(e) => {
+                    failed = true;
+                    let _ = failures.send(e);
+                    false
+                }
+            }
+        };
+        send_confirms(p.confirms, ok);
+    }
+}
+
+fn send_confirms(confirms: Vec<ConfirmTo>, ok: bool) {
+    if confirms.is_empty() {
+        return;
+    }
+    let mut grouped: Vec<(ChannelKey, ConnSink, Vec<u64>)> = Vec::new();
+    for c in confirms {
+        match grouped.iter_mut().find(|(k, _, _)| *k == c.channel) {
+            Some((_, _, seqs)) => seqs.push(c.seq),
+            None => grouped.push((c.channel, c.sink, vec![c.seq])),
+        }
+    }
+    for (channel, sink, seqs) in grouped {
+        let _ = sink.send(ConnEvent::Confirm { channel, seqs, ok });
+    }
+}
+
+impl<L: QueueLog> Owner<L> {
+    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+        let reason = loop {
+            let cmd = tokio::select! {
+                biased;
+                err = self.failures.recv() => {
+                    if let Some(e) = err {
+                        warn!(queue = %self.handle.0.name, error = %e, "queue log failed; queue stops serving on this node");
+                    }
+                    break ExitReason::LogFailed;
+                }
+                cmd = rx.recv() => cmd,
+            };
+            // The owner holds a sender itself, so the channel never closes under it.
+            let Some(cmd) = cmd else {
+                break ExitReason::Deleted;
+            };
+            let mut stop = self.handle_cmd(cmd);
+            let mut n = 1;
+            while stop.is_none() && n < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => stop = self.handle_cmd(cmd),
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            self.flush();
+            if let Some(reason) = stop {
+                break reason;
+            }
+            if self.auto_delete && self.engine.is_unused() {
+                break ExitReason::AutoDeleted;
+            }
+        };
+        self.flush();
+        // Cancel consumers so clients learn the queue is gone.
+        for (_, channel, tag) in self.engine.consumers_of() {
+            if let Some(sink) = self.sinks.get(&channel.conn) {
+                let _ = sink.send(ConnEvent::Cancelled { channel, tag });
+            }
+        }
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            if let QueueCmd::Publish {
+                confirm: Some(c), ..
+            } = cmd
+            {
+                // The queue is gone; RabbitMQ confirms publishes routed to a deleted queue.
+                send_confirms(vec![c], reason != ExitReason::LogFailed);
+            }
+        }
+        debug!(queue = %self.handle.0.name, ?reason, "queue owner stopped");
+        if let Some(f) = self.on_exit.take() {
+            f(reason);
+        }
+    }
+
+    fn handle_cmd(&mut self, cmd: QueueCmd) -> Option<ExitReason> {
+        match cmd {
+            QueueCmd::Publish { msg, confirm } => {
+                let durable = self.log.is_durable() && msg.persistent;
+                let seq = self.engine.enqueue(msg.clone(), durable);
+                if durable {
+                    self.batch_durable.push((seq, msg));
+                    if let Some(c) = confirm {
+                        self.batch_confirms_durable.push(c);
+                    }
+                } else if let Some(c) = confirm {
+                    self.batch_confirms_now.push(c);
+                }
+            }
+            QueueCmd::Consume { spec, sink, reply } => {
+                self.sinks.entry(spec.channel.conn).or_insert(sink);
+                let r = self.engine.add_consumer(spec).map(|()| self.stats());
+                let _ = reply.send(r);
+            }
+            QueueCmd::Cancel { id, reply } => {
+                self.engine.cancel(id);
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            QueueCmd::Ack { channel, seqs } => self.engine.ack(channel, &seqs),
+            QueueCmd::Reject {
+                channel,
+                seqs,
+                requeue,
+            } => {
+                if requeue {
+                    self.engine.requeue(channel, &seqs);
+                } else {
+                    self.engine.ack(channel, &seqs);
+                }
+            }
+            QueueCmd::ChannelClosed { channel } => self.engine.channel_closed(channel),
+            QueueCmd::Get {
+                channel,
+                no_ack,
+                reply,
+            } => {
+                let r = self.engine.get(channel, no_ack);
+                let _ = reply.send(r);
+            }
+            QueueCmd::Purge { reply } => {
+                let _ = reply.send(self.engine.purge());
+            }
+            QueueCmd::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            } => {
+                if if_unused && self.engine.consumer_count() > 0 {
+                    let _ = reply.send(Err(DeleteRefused::InUse));
+                } else if if_empty && self.engine.ready_count() > 0 {
+                    let _ = reply.send(Err(DeleteRefused::NotEmpty));
+                } else {
+                    let _ = reply.send(Ok(self.engine.ready_count()));
+                    return Some(ExitReason::Deleted);
+                }
+            }
+            QueueCmd::Wake => {}
+        }
+        None
+    }
+
+    fn stats(&self) -> QueueStats {
+        QueueStats {
+            messages: self.engine.ready_count(),
+            consumers: self.engine.consumer_count(),
+        }
+    }
+
+    /// Write the batch's records, release confirms, and deliver.
+    fn flush(&mut self) {
+        if !self.batch_durable.is_empty() {
+            let rec = record::encode_enqueue(self.batch_durable.iter().map(|(s, m)| (*s, &**m)));
+            self.batch_durable.clear();
+            let fut = self.log.append(rec);
+            let confirms = std::mem::take(&mut self.batch_confirms_durable);
+            let _ = self.appends.send(PendingAppend { fut, confirms });
+        }
+        let settled = self.engine.take_settled();
+        if !settled.is_empty() && self.log.is_durable() {
+            let fut = self.log.append(record::encode_settle(&settled));
+            let _ = self.appends.send(PendingAppend {
+                fut,
+                confirms: Vec::new(),
+            });
+        }
+        if !self.batch_confirms_now.is_empty() {
+            send_confirms(std::mem::take(&mut self.batch_confirms_now), true);
+        }
+        self.engine.dispatch(&mut self.deliveries);
+        if self.deliveries.is_empty() {
+            return;
+        }
+        let mut all = std::mem::take(&mut self.deliveries);
+        // Deliveries for one connection go in one event, in order.
+        if all.iter().all(|d| d.channel.conn == all[0].channel.conn) {
+            let conn = all[0].channel.conn;
+            self.send_deliveries(conn, all);
+        } else {
+            let mut by_conn: Vec<(u64, Vec<Delivery>)> = Vec::new();
+            for d in all.drain(..) {
+                match by_conn.iter_mut().find(|(c, _)| *c == d.channel.conn) {
+                    Some((_, v)) => v.push(d),
+                    None => by_conn.push((d.channel.conn, vec![d])),
+                }
+            }
+            for (conn, ds) in by_conn {
+                self.send_deliveries(conn, ds);
+            }
+        }
+    }
+
+    fn send_deliveries(&mut self, conn: u64, deliveries: Vec<Delivery>) {
+        let Some(sink) = self.sinks.get(&conn) else {
+            return;
+        };
+        let ev = ConnEvent::Deliver {
+            queue: self.handle.clone(),
+            deliveries,
+        };
+        if let Err(mpsc::error::SendError(ConnEvent::Deliver { deliveries, .. })) = sink.send(ev) {
+            // The connection is gone; its channel-closed commands will requeue these.
+            self.sinks.remove(&conn);
+            for d in deliveries {
+                if !d.no_ack {
+                    self.engine.requeue(d.channel, &[d.seq]);
+                }
+            }
+        }
+    }
+}
