@@ -88,8 +88,9 @@ impl Frame {
 /// A decoded header keeps the property octets exactly as the publisher sent them, and the
 /// encoder re-sends those octets verbatim (as RabbitMQ does with `properties_bin`): header
 /// order, duplicate keys and integer type tags in `headers` survive the trip. Replacing the
-/// properties with [`ContentHeader::set_properties`] drops the raw octets.
-#[derive(Clone, Debug, PartialEq)]
+/// properties with [`ContentHeader::set_properties`] drops the raw octets. Equality compares
+/// the decoded fields only, not how the properties were encoded.
+#[derive(Clone, Debug)]
 pub struct ContentHeader {
     /// The content class id (60 for `basic`).
     pub class_id: u16,
@@ -99,6 +100,15 @@ pub struct ContentHeader {
     pub body_size: u64,
     properties: BasicProperties,
     raw_properties: Option<Bytes>,
+}
+
+impl PartialEq for ContentHeader {
+    fn eq(&self, other: &Self) -> bool {
+        self.class_id == other.class_id
+            && self.weight == other.weight
+            && self.body_size == other.body_size
+            && self.properties == other.properties
+    }
 }
 
 impl ContentHeader {
@@ -263,7 +273,11 @@ impl FrameDecoder {
         let payload_len = size as usize;
         let total = FRAME_HEADER_LEN + payload_len + 1;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Room for the rest of this frame, so the next read can complete it; bounded by
+            // frame_max, which was checked above (an unlimited frame_max reserves nothing).
+            if self.frame_max != 0 {
+                buf.reserve(total - buf.len());
+            }
             return Ok(None);
         }
         let end = buf[total - 1];
