@@ -1,0 +1,117 @@
+'use strict';
+// Shared harness for Warren's Node client tests: start a `warren dev` cluster on free ports in
+// a temporary directory (its own process group, killed as one), or use WARREN_TEST_AMQP_URL.
+
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const net = require('node:net');
+const os = require('node:os');
+const path = require('node:path');
+const crypto = require('node:crypto');
+
+const ROOT = path.resolve(__dirname, '..', '..');
+const READY_TIMEOUT_MS = 120_000;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+// By the AMQP URI spec a lone trailing '/' names the vhost "": read it as the default vhost.
+function normalizeUrl(url) {
+  const u = url.trim();
+  const afterScheme = u.indexOf('://') + 3;
+  const slash = u.indexOf('/', afterScheme);
+  if (slash === -1) return `${u}/%2f`;
+  if (slash === u.length - 1) return `${u}%2f`;
+  return u;
+}
+
+function unique(prefix) {
+  return `${prefix}-${crypto.randomBytes(6).toString('hex')}`;
+}
+
+class WarrenDev {
+  static async start() {
+    const dev = new WarrenDev();
+    await dev._start();
+    return dev;
+  }
+
+  async _start() {
+    this.root = fs.mkdtempSync(path.join(os.tmpdir(), 'warren-node-'));
+    const bin = process.env.WARREN_BIN || path.join(ROOT, 'target', 'debug', 'warren');
+    if (!fs.existsSync(bin)) {
+      throw new Error(`${bin} not found: run \`cargo build -p warren\` or set WARREN_BIN`);
+    }
+    this.logPath = path.join(this.root, 'warren-dev.log');
+    const log = fs.openSync(this.logPath, 'a');
+    const [amqpPort, httpPort] = [await freePort(), await freePort()];
+    this.proc = spawn(bin, ['dev', '--data-dir', path.join(this.root, 'data'),
+      '--amqp-port', String(amqpPort), '--http-port', String(httpPort)], {
+      stdio: ['ignore', 'pipe', log],
+      detached: true, // its own process group
+    });
+    fs.closeSync(log);
+    this.url = await new Promise((resolve, reject) => {
+      let buffered = '';
+      const timer = setTimeout(() => fail(new Error('warren dev printed no amqp:// URL in time')),
+        READY_TIMEOUT_MS);
+      const fail = (err) => {
+        clearTimeout(timer);
+        this.stop();
+        reject(new Error(`${err.message}; log tail:\n${this.logTail()}`));
+      };
+      this.proc.stdout.on('data', (chunk) => {
+        buffered += chunk.toString();
+        for (const line of buffered.split('\n')) {
+          if (line.trim().startsWith('amqp://')) {
+            clearTimeout(timer);
+            resolve(normalizeUrl(line));
+            return;
+          }
+        }
+      });
+      this.proc.on('exit', (code, signal) => fail(new Error(`warren dev exited (${code ?? signal})`)));
+      this.proc.on('error', fail);
+    });
+    this.proc.removeAllListeners('exit');
+    this.proc.stdout.resume();
+  }
+
+  logTail(n = 40) {
+    try {
+      return fs.readFileSync(this.logPath, 'utf8').split('\n').slice(-n).join('\n');
+    } catch {
+      return '';
+    }
+  }
+
+  stop() {
+    if (this.proc && this.proc.exitCode === null && this.proc.signalCode === null) {
+      try {
+        process.kill(-this.proc.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    if (this.root) fs.rmSync(this.root, { recursive: true, force: true });
+  }
+}
+
+// The broker for one test file: { url, stop() }.
+async function broker() {
+  if (process.env.WARREN_TEST_AMQP_URL) {
+    return { url: normalizeUrl(process.env.WARREN_TEST_AMQP_URL), stop() {} };
+  }
+  return WarrenDev.start();
+}
+
+module.exports = { broker, unique, normalizeUrl };
