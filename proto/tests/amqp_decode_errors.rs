@@ -388,3 +388,73 @@ fn reply_codes_match_the_spec() {
     }
     assert_eq!(ReplyCode::from_code(999), None);
 }
+
+/// `queue.declare` whose arguments hold `k` = arrays (or tables) nested `depth` deep.
+fn deeply_nested_declare(depth: usize, tag: u8) -> Vec<u8> {
+    let mut value: Vec<u8> = Vec::new();
+    for _ in 0..depth {
+        let mut outer = vec![tag];
+        let contents = if tag == b'F' && !value.is_empty() {
+            [&[1, b'k'][..], &value].concat()
+        } else {
+            value.clone()
+        };
+        outer.extend_from_slice(&(contents.len() as u32).to_be_bytes());
+        outer.extend_from_slice(&contents);
+        value = outer;
+    }
+    let entry = [&[1, b'k'][..], &value].concat();
+    let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+    payload.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+    payload.extend_from_slice(&entry);
+    raw_frame(1, 1, &payload)
+}
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    use warren_proto::amqp::MAX_FIELD_NESTING;
+    for tag in [b'A', b'F'] {
+        // Thousands of levels in a few kilobytes: would overflow the stack if parsed.
+        for depth in [MAX_FIELD_NESTING + 1, 3000] {
+            let error = error_of(&deeply_nested_declare(depth, tag));
+            assert_eq!(
+                error,
+                FrameError::NestingTooDeep {
+                    channel: 1,
+                    class_id: 50,
+                    method_id: 10
+                }
+            );
+            assert_eq!(error.reply_code(), ReplyCode::FrameError);
+        }
+        // The limit itself parses, within a small stack.
+        let wire = deeply_nested_declare(MAX_FIELD_NESTING, tag);
+        let ok = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || matches!(decode_one(&wire), Ok(Some(Frame::Method { .. }))))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(ok);
+    }
+}
+
+#[test]
+fn deep_nesting_in_headers_is_refused() {
+    let mut value: Vec<u8> = Vec::new();
+    for _ in 0..500 {
+        let mut outer = vec![b'A'];
+        outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        outer.extend_from_slice(&value);
+        value = outer;
+    }
+    let entry = [&[1, b'k'][..], &value].concat();
+    let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0];
+    payload.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+    payload.extend_from_slice(&entry);
+    let error = error_of(&raw_frame(2, 1, &payload));
+    assert!(matches!(
+        error,
+        FrameError::NestingTooDeep { channel: 1, .. }
+    ));
+}

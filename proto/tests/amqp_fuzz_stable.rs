@@ -40,6 +40,21 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     seeds.push(content_bytes(1, &method_by_ids(60, 40), &[7; 300], 64));
     seeds.push(heartbeat_bytes());
+    // Deep nesting, at and beyond the limit.
+    for depth in [32, 33, 400] {
+        let mut value: Vec<u8> = Vec::new();
+        for _ in 0..depth {
+            let mut outer = vec![b'A'];
+            outer.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&value);
+            value = outer;
+        }
+        let entry = [&[1, b'k'][..], &value].concat();
+        let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        payload.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&entry);
+        seeds.push(raw_frame(1, 1, &payload));
+    }
     seeds
 }
 

@@ -287,6 +287,21 @@ pub enum FrameError {
         /// The argument octets, as RabbitMQ quotes them.
         snippet: String,
     },
+    /// Field tables or arrays nested deeper than [`crate::amqp::MAX_FIELD_NESTING`] levels
+    /// in method arguments or content properties (`(0, 0)` method ids for properties).
+    /// RabbitMQ has no such limit; Warren needs one to bound the parser's stack.
+    #[error(
+        "field tables nested more than {} levels deep",
+        crate::amqp::MAX_FIELD_NESTING
+    )]
+    NestingTooDeep {
+        /// The channel the frame was sent on.
+        channel: u16,
+        /// The class id (0 for content properties).
+        class_id: u16,
+        /// The method id (0 for content properties).
+        method_id: u16,
+    },
     /// A content header whose property list does not decode.
     #[error("cannot decode content properties {snippet}")]
     MalformedProperties {
@@ -395,6 +410,7 @@ impl FrameError {
             | FrameError::BadFrameEnd { .. }
             | FrameError::UnknownFrame { .. }
             | FrameError::MalformedMethod { .. }
+            | FrameError::NestingTooDeep { .. }
             | FrameError::MalformedProperties { .. }
             | FrameError::BodyTooLarge { .. }
             | FrameError::BodyOverrun { .. } => ReplyCode::FrameError,
@@ -428,6 +444,7 @@ impl FrameError {
             | FrameError::UnimplementedMethod { channel, .. }
             | FrameError::PrefetchSizeNotImplemented { channel, .. }
             | FrameError::MalformedMethod { channel, .. }
+            | FrameError::NestingTooDeep { channel, .. }
             | FrameError::MalformedProperties { channel, .. }
             | FrameError::ExpectedMethod { channel }
             | FrameError::ExpectedHeader { channel, .. }
@@ -454,6 +471,11 @@ impl FrameError {
                 ..
             }
             | FrameError::MalformedMethod {
+                class_id,
+                method_id,
+                ..
+            }
+            | FrameError::NestingTooDeep {
                 class_id,
                 method_id,
                 ..

@@ -15,6 +15,7 @@ use nom_shim::all_consuming;
 
 use super::ProtocolVersion;
 use super::error::{EncodeError, FrameError, erlang_binary, payload_snippet};
+use super::nesting::{MAX_FIELD_NESTING, may_exceed_nesting};
 
 /// The octets a server sends when it refuses a protocol header: `AMQP 0 0 9 1`.
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
@@ -364,6 +365,13 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, FrameError> {
     }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
+    if may_exceed_nesting(&payload[4..], MAX_FIELD_NESTING) {
+        return Err(FrameError::NestingTooDeep {
+            channel,
+            class_id,
+            method_id,
+        });
+    }
     match all_consuming(parse_class, payload) {
         Some(method) => {
             if let AMQPClass::Basic(basic::AMQPMethod::Qos(_)) = method {
@@ -425,6 +433,13 @@ fn decode_content_header(channel: u16, payload: Bytes) -> Result<ContentHeader, 
     // Only basic has properties; other classes are rejected by the content assembler with
     // the error RabbitMQ gives, so their property octets are kept but not parsed.
     let properties = if class_id == BASIC_CLASS_ID {
+        if may_exceed_nesting(&raw, MAX_FIELD_NESTING) {
+            return Err(FrameError::NestingTooDeep {
+                channel,
+                class_id: 0,
+                method_id: 0,
+            });
+        }
         all_consuming(basic::parse_properties, &raw).ok_or_else(|| {
             FrameError::MalformedProperties {
                 channel,

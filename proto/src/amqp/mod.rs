@@ -74,6 +74,7 @@
 mod content;
 mod error;
 mod frame;
+mod nesting;
 
 pub use content::{
     Command, Content, ContentAssembler, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT,
@@ -86,6 +87,7 @@ pub use frame::{
     PROTOCOL_HEADER, decode_protocol_header, encode_body, encode_content_header, encode_frame,
     encode_heartbeat, encode_method,
 };
+pub use nesting::MAX_FIELD_NESTING;
 
 /// The AMQP protocol version of a protocol header.
 pub use amq_protocol::frame::ProtocolVersion;
