@@ -318,3 +318,48 @@ fn deliver_and_get_ok_carry_content_too() {
         assert_eq!(content.method, m);
     }
 }
+
+#[test]
+fn errors_build_the_close_rabbitmq_sends() {
+    use warren_proto::amqp::{channel as ch, connection};
+    // Soft error on channel 5: channel.close on channel 5.
+    let mut assembler = ContentAssembler::new(10);
+    assembler.push(method(5, publish())).unwrap();
+    let error = assembler.push(header(5, 11)).unwrap_err();
+    let (on, close) = error.close_method().unwrap();
+    assert_eq!(on, 5);
+    assert_eq!(
+        close,
+        AMQPClass::Channel(ch::AMQPMethod::Close(ch::Close {
+            reply_code: 406,
+            reply_text:
+                "PRECONDITION_FAILED - message size 11 is larger than configured max size 10".into(),
+            class_id: 60,
+            method_id: 40,
+        }))
+    );
+    // Hard error on channel 5: connection.close on channel 0.
+    let error = ContentAssembler::default().push(body(5, b"x")).unwrap_err();
+    let (on, close) = error.close_method().unwrap();
+    assert_eq!(on, 0);
+    assert_eq!(
+        close,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 505,
+            reply_text: "UNEXPECTED_FRAME - expected method frame, got non method frame instead"
+                .into(),
+            class_id: 0,
+            method_id: 0,
+        }))
+    );
+    // A bad protocol header gets no close method.
+    let error = FrameError::BadProtocolHeader {
+        received: *b"GET / HT",
+    };
+    assert_eq!(error.close_method(), None);
+    // A soft error on channel 0 still closes the connection.
+    let (on, close) =
+        warren_proto::amqp::close_method(0, ReplyCode::NotFound, "no vhost", (10, 40));
+    assert_eq!(on, 0);
+    assert!(matches!(close, AMQPClass::Connection(_)));
+}

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::ShortString;
 
 /// An AMQP 0-9-1 reply code, as used in `connection.close` and `channel.close`.
@@ -177,6 +178,43 @@ fn truncate_to_short_string(text: &mut String) {
             cut -= 1;
         }
         text.truncate(cut);
+    }
+}
+
+/// The close method RabbitMQ sends for an error raised on `channel`: `channel.close` on that
+/// channel for a soft error, else `connection.close` on channel 0 (hard errors, and any error
+/// on channel 0), as `rabbit_binary_generator:map_exception/2` does. Returns the channel to
+/// send it on and the method.
+pub fn close_method(
+    channel: u16,
+    code: ReplyCode,
+    explanation: &str,
+    (class_id, method_id): (u16, u16),
+) -> (u16, AMQPClass) {
+    let reply_code = code.code();
+    let reply_text = code.reply_text(explanation);
+    if code.is_hard() || channel == 0 {
+        let close = connection::Close {
+            reply_code,
+            reply_text,
+            class_id,
+            method_id,
+        };
+        (
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(close)),
+        )
+    } else {
+        let close = channel::Close {
+            reply_code,
+            reply_text,
+            class_id,
+            method_id,
+        };
+        (
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(close)),
+        )
     }
 }
 
@@ -524,6 +562,21 @@ impl FrameError {
                 | FrameError::FrameTooLarge { .. }
                 | FrameError::BadFrameEnd { .. }
         )
+    }
+
+    /// The close to send for this error (see [`close_method`]): the channel to send it on and
+    /// the method. `None` for [`FrameError::BadProtocolHeader`], which is answered with
+    /// [`crate::amqp::PROTOCOL_HEADER`] instead.
+    pub fn close_method(&self) -> Option<(u16, AMQPClass)> {
+        if let FrameError::BadProtocolHeader { .. } = self {
+            return None;
+        }
+        Some(close_method(
+            self.channel(),
+            self.reply_code(),
+            &self.to_string(),
+            self.method_ids(),
+        ))
     }
 
     /// True when only the channel is closed (`channel.close`); every other error closes the

@@ -23,6 +23,8 @@
 //!   [`FrameError::channel`], [`FrameError::is_channel_error`] (send `channel.close`, else
 //!   `connection.close`), [`FrameError::is_fatal`] (stream out of sync: stop reading).
 //!   [`FrameError::BadProtocolHeader`]: write [`PROTOCOL_HEADER`] and close the socket.
+//!   [`FrameError::close_method`] builds the `connection.close`/`channel.close` to send;
+//!   [`close_method`] does the same for any [`ReplyCode`] (RabbitMQ's `map_exception`).
 //!
 //! Writing (append to the connection's write buffer):
 //! - [`encode_method`], [`encode_content`] (method + header + body frames split by
@@ -80,7 +82,7 @@ pub use content::{
     Command, Content, ContentAssembler, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT,
     MessageBody, encode_content, method_has_content,
 };
-pub use error::{EncodeError, FrameError, ReplyCode};
+pub use error::{EncodeError, FrameError, ReplyCode, close_method};
 pub use frame::{
     BASIC_CLASS_ID, ContentHeader, DEFAULT_FRAME_MAX, FRAME_BODY, FRAME_END, FRAME_HEADER,
     FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, FRAME_OVERHEAD, Frame, FrameDecoder,
