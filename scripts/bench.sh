@@ -13,7 +13,7 @@
 # Environment:
 #   BENCH_DURATION       seconds each run publishes (default 20)
 #   BENCH_DRAIN_TIMEOUT  seconds each run may wait for confirms and consumers (default 30)
-#   BENCH_SCENARIOS      subset of "A1 A4 B1 B4 C1 C4" (default: all)
+#   BENCH_SCENARIOS      subset of "A1 A4 B1 B4 C1 C4 D1" (default: all)
 #   BENCH_REQUIRE_WARREN 1: fail if warren dev does not start (default: record Warren as pending)
 #   BENCH_KEEP_WORKDIR   1: keep the temporary directory with logs and raw results
 #   BENCH_SKIP_BUILD     1: use the existing target/release/warren instead of building
@@ -24,7 +24,7 @@ cd "$ROOT"
 
 DURATION=${BENCH_DURATION:-20}
 DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-30}
-SCENARIOS=${BENCH_SCENARIOS:-"A1 A4 B1 B4 C1 C4"}
+SCENARIOS=${BENCH_SCENARIOS:-"A1 A4 B1 B4 C1 C4 D1"}
 REQUIRE_WARREN=${BENCH_REQUIRE_WARREN:-0}
 KEEP_WORKDIR=${BENCH_KEEP_WORKDIR:-0}
 WARREN_START_TIMEOUT=120
@@ -104,6 +104,7 @@ else
 fi
 WORK=$(mktemp -d /tmp/warren-bench.XXXXXX)
 mkdir -p "$WORK/results"
+cat /proc/loadavg >"$WORK/loadavg-start"
 # A private copy, so that a rebuild during the run cannot swap the binary under it.
 cp target/release/warren "$WORK/warren"
 WARREN_BIN="$WORK/warren"
@@ -247,6 +248,9 @@ scenario_line() {
         B4) echo "B4|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|true|$durable_common -x 4 -y 4" ;;
         C1) echo "C1|transient, no confirms, auto-ack, 1 KB, 1 producer / 1 consumer|x-queue-type=classic|false|$transient_common -x 1 -y 1" ;;
         C4) echo "C4|transient, no confirms, auto-ack, 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|false|$transient_common -x 4 -y 4" ;;
+        # Latency at a moderate fixed rate, where no backlog builds up and end-to-end latency is
+        # the broker's own, not queueing behind an unbounded publisher.
+        D1) echo "D1|as A1 at a fixed 1,000 msg/s: latency without backlog|x-queue-type=quorum|true|$durable_common -x 1 -y 1 --rate 1000" ;;
         *) log "unknown scenario $1"; exit 2 ;;
     esac
 }
@@ -293,6 +297,8 @@ machine = {
     "rabbitmq": sh("dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"),
     "erlang": sh("dpkg-query", "-W", "-f=${Version}", "erlang-base"),
     "warren_commit": commit + ("+uncommitted" if int(dirty) else ""),
+    "loadavg_at_start": open(os.path.join(work, "loadavg-start")).read().split()[:3],
+    "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
 }
 scenarios = []
 for line in open(os.path.join(work, "scenarios.tsv")):

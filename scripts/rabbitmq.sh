@@ -110,7 +110,7 @@ EOF
     local epmd_port dist_port nodename
     epmd_port=$(free_port)
     dist_port=$(free_port)
-    nodename="warren-ref-$port-$$@localhost"
+    nodename="warren-ref-$port@localhost" # stable, so a restart on <dir> finds its data
 
     echo "$epmd_port" >"$state/epmd.port"
     setsid env ERL_EPMD_PORT="$epmd_port" ERL_EPMD_ADDRESS=127.0.0.1 epmd \

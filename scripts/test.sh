@@ -100,7 +100,10 @@ section "rust"
 rust_filter=()
 if $against_rabbitmq; then
     # Only the tests that honour WARREN_TEST_AMQP_URL; the rest need Warren's processes.
-    rust_filter=(-p warren-tests --test bad_input)
+    rust_filter=(-p warren-tests --test bad_input --test durability)
+    if cargo nextest --version >/dev/null 2>&1; then
+        rust_filter+=(-E 'binary(bad_input) | test(=confirmed_persistent_stream_round_trips_in_order)')
+    fi
 else
     rust_filter=(--workspace)
 fi
