@@ -273,3 +273,22 @@ fn publish_method_is_content_bearing() {
     let ack = AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack::default()));
     assert!(!warren_proto::amqp::method_has_content(&ack));
 }
+
+#[test]
+fn encoders_append_to_a_buffer_already_holding_frames() {
+    let mut shared = BytesMut::from(&b"earlier frames"[..]);
+    let mut expected = b"earlier frames".to_vec();
+    for method in all_methods() {
+        warren_proto::amqp::encode_method(4, &method, &mut shared).unwrap();
+        expected.extend_from_slice(&method_frame(4, &method));
+    }
+    let header = Frame::Header {
+        channel: 4,
+        header: Box::new(ContentHeader::new(9, full_properties())),
+    };
+    encode_frame(&header, &mut shared).unwrap();
+    let mut alone = BytesMut::new();
+    encode_frame(&header, &mut alone).unwrap();
+    expected.extend_from_slice(&alone);
+    assert_eq!(shared.to_vec(), expected);
+}

@@ -16,6 +16,7 @@ use nom_shim::all_consuming;
 use super::ProtocolVersion;
 use super::error::{EncodeError, FrameError, erlang_binary, payload_snippet};
 use super::nesting::{MAX_FIELD_NESTING, may_exceed_nesting};
+use super::writer::BufWriter;
 
 /// The octets a server sends when it refuses a protocol header: `AMQP 0 0 9 1`.
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
@@ -507,15 +508,12 @@ pub fn encode_method(
     method: &AMQPClass,
     buf: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let (payload, _) = gen_class(method)(WriteContext::from(Vec::with_capacity(64)))
-        .map_err(|e| serialize_error("method", e))?
-        .into_inner();
-    let size = check_payload(payload.len(), 0)?;
-    buf.reserve(payload.len() + FRAME_OVERHEAD as usize);
-    put_frame_header(buf, FRAME_METHOD, channel, size);
-    buf.put_slice(&payload);
-    buf.put_u8(FRAME_END);
-    Ok(())
+    let start = buf.len();
+    put_frame_header(buf, FRAME_METHOD, channel, 0);
+    let generated = gen_class(method)(WriteContext::from(BufWriter(&mut *buf)))
+        .map(|_| ())
+        .map_err(|e| serialize_error("method", e));
+    finish_frame(buf, start, generated)
 }
 
 /// Appends a content header frame; the raw property octets are re-sent when the header has
@@ -525,28 +523,42 @@ pub fn encode_content_header(
     header: &ContentHeader,
     buf: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let generated;
-    let properties: &[u8] = match &header.raw_properties {
-        Some(raw) => raw,
-        None => {
-            generated = basic::gen_properties(&header.properties)(WriteContext::from(
-                Vec::with_capacity(32),
-            ))
-            .map_err(|e| serialize_error("content properties", e))?
-            .into_inner()
-            .0;
-            &generated
-        }
-    };
-    let size = check_payload(CONTENT_HEADER_FIXED_LEN + properties.len(), 0)?;
-    buf.reserve(size as usize + FRAME_OVERHEAD as usize);
-    put_frame_header(buf, FRAME_HEADER, channel, size);
+    let start = buf.len();
+    put_frame_header(buf, FRAME_HEADER, channel, 0);
     buf.put_u16(header.class_id);
     buf.put_u16(header.weight);
     buf.put_u64(header.body_size);
-    buf.put_slice(properties);
-    buf.put_u8(FRAME_END);
-    Ok(())
+    let generated = match &header.raw_properties {
+        Some(raw) => {
+            buf.put_slice(raw);
+            Ok(())
+        }
+        None => basic::gen_properties(&header.properties)(WriteContext::from(BufWriter(&mut *buf)))
+            .map(|_| ())
+            .map_err(|e| serialize_error("content properties", e)),
+    };
+    finish_frame(buf, start, generated)
+}
+
+/// Writes the payload size into the frame header at `start` and the frame-end octet, or
+/// removes the partial frame when serializing failed.
+fn finish_frame(
+    buf: &mut BytesMut,
+    start: usize,
+    generated: Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
+    let size = generated.and_then(|()| check_payload(buf.len() - start - FRAME_HEADER_LEN, 0));
+    match size {
+        Ok(size) => {
+            buf[start + 3..start + FRAME_HEADER_LEN].copy_from_slice(&size.to_be_bytes());
+            buf.put_u8(FRAME_END);
+            Ok(())
+        }
+        Err(error) => {
+            buf.truncate(start);
+            Err(error)
+        }
+    }
 }
 
 /// Appends one body frame. The caller splits bodies by `frame_max` (see

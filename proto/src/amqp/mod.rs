@@ -77,6 +77,7 @@ mod content;
 mod error;
 mod frame;
 mod nesting;
+mod writer;
 
 pub use content::{
     Command, Content, ContentAssembler, DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT,
