@@ -248,8 +248,9 @@ public final class WarrenJavaTests {
                 @Override
                 public void handleDelivery(String tag, Envelope env, AMQP.BasicProperties props, byte[] body) throws IOException {
                     String text = new String(body, StandardCharsets.UTF_8);
-                    got.add(text + (env.isRedeliver() ? "!" : "") + "|" + props.getDeliveryMode() + "|" + props.getContentType());
+                    // Ack first: once the test has seen the last message it closes the channel.
                     getChannel().basicAck(env.getDeliveryTag(), false);
+                    got.add(text + (env.isRedeliver() ? "!" : "") + "|" + props.getDeliveryMode() + "|" + props.getContentType());
                 }
             });
             for (int i = 0; i < 50; i++) {
