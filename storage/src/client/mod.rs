@@ -8,14 +8,30 @@
 //!   have the entry fsync'd; [`LogWriter::read`] pages through the live log for replay;
 //!   [`LogWriter::trim`] lets storage free everything below a position;
 //! - [`Registers`] are linearizable single-key registers (CASPaxos) for metadata.
+//!
+//! The protocol itself (RFC 0001) lives in the I/O-free state machines of
+//! [`crate::protocol`]; this module drives them over the network.
+
+mod log;
+mod registers;
+pub(crate) mod transport;
 
 use bytes::Bytes;
-use std::future::Future;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use warren_common::config::Replication;
-use warren_common::{Epoch, LogId, NodeId, Zone};
+use warren_common::{LogId, NodeId, Zone};
+use warren_proto::internal::data::{Request, Response};
+
+pub use log::LogWriter;
+pub use registers::Registers;
 
 use crate::StorageError;
+use crate::meta::{self, NODES_KEY, NodeRegistry};
+use crate::protocol::placement::Candidate;
+use transport::{Conn, DataClient};
 
 /// Position of an entry in a queue log. Totally ordered; later appends get larger positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,127 +66,180 @@ pub struct StorageClientConfig {
     pub tls: warren_common::config::TlsPaths,
 }
 
+/// Journal counters of one storage node, for benchmarks (entries per fsync).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// fsyncs since the node started.
+    pub fsyncs: u64,
+    /// Records (entries, fences, seals, deletes) made durable since the node started.
+    pub records: u64,
+    /// Journal bytes written since the node started.
+    pub bytes: u64,
+}
+
 /// A connection to the storage tier. Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct StorageClient {
-    _private: (),
+    inner: Arc<ClientInner>,
 }
+
+pub(crate) struct ClientInner {
+    config: StorageClientConfig,
+    registers: Registers,
+    data: DataClient,
+    registry: Mutex<NodeRegistry>,
+    // When each node last failed to answer; placement avoids recently failed nodes.
+    failed: Mutex<HashMap<NodeId, Instant>>,
+}
+
+/// A node that failed this recently is not chosen for new ensembles if others exist.
+const FAILED_MEMORY: Duration = Duration::from_secs(10);
 
 impl StorageClient {
     /// Connect to the storage tier described by `config`.
-    pub async fn connect(_config: StorageClientConfig) -> Result<Self, StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
+    pub async fn connect(config: StorageClientConfig) -> Result<Self, StorageError> {
+        config
+            .replication
+            .validate("replication")
+            .map_err(|e| StorageError::Invalid(e.to_string()))?;
+        let registers = Registers::connect(&config.seeds, &config.tls)?;
+        let data = DataClient::new(&config.tls)?;
+        let client = StorageClient {
+            inner: Arc::new(ClientInner {
+                config,
+                registers,
+                data,
+                registry: Mutex::new(NodeRegistry::default()),
+                failed: Mutex::new(HashMap::new()),
+            }),
+        };
+        client.inner.refresh_registry().await?;
+        Ok(client)
     }
 
     /// The metadata registers.
     pub fn registers(&self) -> Registers {
-        Registers { _private: () }
+        self.inner.registers.clone()
     }
 
     /// Become the only writer of `log` (creating it if it does not exist): raise its epoch,
     /// fence the previous writer's open segment, recover and seal its tail, and open a new
     /// segment at the new epoch. After this returns, no older writer can get an append
     /// acknowledged.
-    pub async fn acquire_log(&self, _log: LogId) -> Result<LogWriter, StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
+    pub async fn acquire_log(&self, log: LogId) -> Result<LogWriter, StorageError> {
+        log::acquire(self.inner.clone(), log).await
     }
 
     /// Delete a log and all its segments (queue.delete). Fences any writer first.
-    pub async fn delete_log(&self, _log: LogId) -> Result<(), StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
-    }
-}
-
-/// The single writer of one queue log, at one epoch.
-pub struct LogWriter {
-    epoch: Epoch,
-}
-
-impl LogWriter {
-    /// The epoch this writer holds.
-    pub fn epoch(&self) -> Epoch {
-        self.epoch
+    pub async fn delete_log(&self, log: LogId) -> Result<(), StorageError> {
+        log::delete(&self.inner, log).await
     }
 
-    /// Append one entry. The position is assigned when this is called (so appends made in
-    /// order get increasing positions); the returned future resolves once `ack_quorum`
-    /// storage nodes have the entry on disk. Many appends may be in flight at once; they
-    /// resolve in position order. `Err(Fenced)` means a newer owner exists: stop serving.
-    pub fn append(
-        &self,
-        _payload: Bytes,
-    ) -> impl Future<Output = Result<LogPosition, StorageError>> + Send + 'static {
-        async {
-            Err(StorageError::Unavailable(
-                "storage client not built yet".into(),
-            ))
+    /// Journal counters of every registered storage node that answers.
+    pub async fn node_stats(&self) -> Result<Vec<(NodeId, NodeStats)>, StorageError> {
+        let registry = self.inner.refresh_registry().await?;
+        let mut out = Vec::new();
+        for (id, rec) in registry.nodes {
+            if let Ok(Response::Stats {
+                fsyncs,
+                records,
+                bytes,
+            }) = self.inner.data.request(rec.data_addr, Request::Stats).await
+            {
+                out.push((
+                    id,
+                    NodeStats {
+                        fsyncs,
+                        records,
+                        bytes,
+                    },
+                ));
+            }
         }
+        Ok(out)
+    }
+}
+
+impl ClientInner {
+    /// Re-read the node registry.
+    async fn refresh_registry(&self) -> Result<NodeRegistry, StorageError> {
+        let reg: NodeRegistry = match self.registers.get(NODES_KEY).await? {
+            Some(b) => meta::decode(&b)?,
+            None => NodeRegistry::default(),
+        };
+        *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg.clone();
+        Ok(reg)
     }
 
-    /// Read up to `max_entries` live entries at or after `from` (use [`LogWriter::start`]
-    /// for the first live position), in order. An empty result means the end of the log.
-    pub async fn read(
-        &self,
-        _from: LogPosition,
-        _max_entries: usize,
-    ) -> Result<Vec<LogEntry>, StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
+    fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes
+            .get(&node)
+            .map(|r| r.data_addr)
     }
 
-    /// The first live position of the log (everything before it was trimmed).
-    pub fn start(&self) -> LogPosition {
-        LogPosition {
-            segment: 0,
-            entry: 0,
+    fn mark_failed(&self, node: NodeId) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, Instant::now());
+    }
+
+    /// Placement candidates from the cached registry.
+    fn candidates(&self) -> Vec<Candidate> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes
+            .iter()
+            .map(|(id, r)| Candidate {
+                id: *id,
+                zone: r.zone.clone(),
+                live: failed
+                    .get(id)
+                    .is_none_or(|t| t.elapsed() > FAILED_MEMORY),
+            })
+            .collect()
+    }
+
+    /// The connection to a node, re-reading the registry once if its address is unknown or
+    /// unreachable (nodes may restart on new addresses).
+    async fn node_conn(&self, node: NodeId) -> Result<Arc<Conn>, StorageError> {
+        let first = self.addr_of(node);
+        if let Some(addr) = first {
+            match self.data.conn(addr).await {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::debug!(%node, error = %e, "storage node unreachable"),
+            }
         }
+        let fresh = self.refresh_registry().await?;
+        let result = match fresh.nodes.get(&node) {
+            Some(r) if Some(r.data_addr) != first || first.is_none() => {
+                self.data.conn(r.data_addr).await
+            }
+            Some(r) => Err(StorageError::Unavailable(format!(
+                "storage node {node} at {} unreachable",
+                r.data_addr
+            ))),
+            None => Err(StorageError::Unavailable(format!(
+                "storage node {node} is not in the registry"
+            ))),
+        };
+        if result.is_err() {
+            self.mark_failed(node);
+        }
+        result
     }
 
-    /// Declare everything before `before` no longer needed; storage may drop whole segments
-    /// below it. Replay after a takeover starts at the trim point.
-    pub async fn trim(&self, _before: LogPosition) -> Result<(), StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
-    }
-}
-
-/// Linearizable single-key registers replicated with CASPaxos on the storage nodes.
-#[derive(Clone)]
-pub struct Registers {
-    _private: (),
-}
-
-impl Registers {
-    /// Read a register's current value (a linearizable read: a full CASPaxos round).
-    pub async fn get(&self, _key: &str) -> Result<Option<Bytes>, StorageError> {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
-    }
-
-    /// Atomically replace a register's value with `change(current)`. `change` may run more
-    /// than once (on contention) and must be a pure function of its input. It returns the
-    /// new value (`None` deletes), or `Err` to abort without writing; the abort comes back as
-    /// `Ok(Err(e))`. On success returns the value written.
-    pub async fn update<E, F>(
-        &self,
-        _key: &str,
-        _change: F,
-    ) -> Result<Result<Option<Bytes>, E>, StorageError>
-    where
-        F: FnMut(Option<&Bytes>) -> Result<Option<Bytes>, E> + Send,
-        E: Send,
-    {
-        Err(StorageError::Unavailable(
-            "storage client not built yet".into(),
-        ))
+    /// One request to a node.
+    async fn node_request(&self, node: NodeId, req: Request) -> Result<Response, StorageError> {
+        let r = self.node_conn(node).await?.request(req).await;
+        if r.is_err() {
+            self.mark_failed(node);
+        }
+        r
     }
 }

@@ -1,0 +1,683 @@
+//! Queue logs: takeover ([`acquire`]), the single writer ([`LogWriter`]), and deletion.
+//! The decisions are made by [`crate::protocol`]'s state machines; this is their driver.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use warren_common::{Epoch, LogId, SegmentId};
+use warren_proto::internal::data::{Request, Response};
+
+use super::transport::{Conn, ReplyTo};
+use super::{ClientInner, LogEntry, LogPosition};
+use crate::StorageError;
+use crate::meta::{self, LogMeta, SegmentMeta};
+use crate::protocol::placement::choose_ensemble;
+use crate::protocol::quorum::{AppendQuorum, SendEntry};
+use crate::protocol::recovery::{
+    EntryAnswer, FenceAnswer, Recovery, RecoveryAction, RecoveryFailure,
+};
+
+/// Takeover attempts before `acquire_log` gives up with a retryable error.
+const ACQUIRE_ATTEMPTS: usize = 8;
+/// Most bytes a read asks one node for.
+const READ_MAX_BYTES: u32 = 8 * 1024 * 1024;
+
+fn decode_meta(bytes: Option<&Bytes>) -> Result<Option<LogMeta>, StorageError> {
+    bytes.map(meta::decode).transpose()
+}
+
+/// Take over `log` (RFC 0001, "Takeover"), retrying transient failures.
+pub(crate) async fn acquire(client: Arc<ClientInner>, log: LogId) -> Result<LogWriter, StorageError> {
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_acquire(&client, log).await {
+            Err(e) if e.is_retryable() && attempt < ACQUIRE_ATTEMPTS => {
+                tracing::debug!(%log, error = %e, attempt, "takeover failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter, StorageError> {
+    client.refresh_registry().await?;
+    let key = meta::log_key(log);
+    let me = client.config.node_id;
+    // Step 1: raise the epoch. From here on no descriptor change by an older writer lands.
+    let written = client
+        .registers
+        .update(&key, |cur| {
+            let mut m = decode_meta(cur)?.unwrap_or_default();
+            if m.deleted {
+                return Err(StorageError::NotFound(format!("log {log} was deleted")));
+            }
+            m.epoch = m.epoch.next();
+            m.owner = Some(me);
+            Ok(Some(meta::encode(&m)))
+        })
+        .await??;
+    let m = decode_meta(written.as_ref())?
+        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
+    let epoch = m.epoch;
+
+    // Steps 2-4: fence and recover the open segment, if any.
+    let mut sealed = None;
+    if let Some(last) = m.segments.last()
+        && last.end.is_none()
+    {
+        let end = recover(client, last, epoch).await?;
+        tracing::info!(%log, %epoch, segment = %last.id, end, "recovered open segment");
+        sealed = Some((last.clone(), end));
+    }
+
+    // Step 5: seal it and open ours, in one CAS conditional on our epoch.
+    let repl = client.config.replication;
+    let id = SegmentId(rand::random());
+    let ensemble = choose_ensemble(
+        &client.candidates(),
+        repl.write_quorum,
+        repl.per_zone,
+        id.0,
+        &[],
+    );
+    if ensemble.len() < repl.ack_quorum {
+        return Err(StorageError::Unavailable(format!(
+            "only {} storage nodes registered, ack quorum is {}",
+            ensemble.len(),
+            repl.ack_quorum
+        )));
+    }
+    let segment = SegmentMeta {
+        id,
+        epoch,
+        ensemble,
+        ack_quorum: repl.ack_quorum,
+        end: None,
+    };
+    let written = client
+        .registers
+        .update(&key, |cur| {
+            let mut m = decode_meta(cur)?
+                .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
+            if m.epoch != epoch || m.deleted {
+                return Err(StorageError::Fenced(format!(
+                    "log {log} taken over at {} during our takeover at {epoch}",
+                    m.epoch
+                )));
+            }
+            if let Some((s, end)) = &sealed
+                && let Some(last) = m.segments.last_mut()
+                && last.id == s.id
+            {
+                last.end.get_or_insert(*end);
+            }
+            m.segments.push(segment.clone());
+            Ok(Some(meta::encode(&m)))
+        })
+        .await??;
+    let m = decode_meta(written.as_ref())?
+        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
+    if let Some((s, end)) = sealed {
+        // Metadata is the truth; telling the nodes only lets them refuse stragglers early.
+        let client = client.clone();
+        tokio::spawn(async move {
+            for node in s.ensemble {
+                let _ = client
+                    .node_request(
+                        node,
+                        Request::Seal {
+                            segment: s.id.0,
+                            end,
+                        },
+                    )
+                    .await;
+            }
+        });
+    }
+    LogWriter::open(client.clone(), log, m).await
+}
+
+/// Drive [`Recovery`] for `segment` at `epoch`; returns the end to seal it at.
+async fn recover(
+    client: &Arc<ClientInner>,
+    segment: &SegmentMeta,
+    epoch: Epoch,
+) -> Result<u64, StorageError> {
+    let members = segment.ensemble.clone();
+    let (mut rec, actions) =
+        Recovery::start(members.len(), segment.ack_quorum.min(members.len()).max(1));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let issue = |actions: Vec<RecoveryAction>| {
+        for action in actions {
+            let (member, req) = match &action {
+                RecoveryAction::Fence { member } => (
+                    *member,
+                    Request::Fence {
+                        segment: segment.id.0,
+                        epoch: epoch.0,
+                    },
+                ),
+                RecoveryAction::Read { member, entry } => (
+                    *member,
+                    Request::Read {
+                        segment: segment.id.0,
+                        from: *entry,
+                        max_entries: 1,
+                        max_bytes: READ_MAX_BYTES,
+                    },
+                ),
+                RecoveryAction::Write {
+                    member,
+                    entry,
+                    payload,
+                } => (
+                    *member,
+                    Request::Append {
+                        segment: segment.id.0,
+                        epoch: epoch.0,
+                        entry: *entry,
+                        lac: None,
+                        payload: payload.clone(),
+                    },
+                ),
+            };
+            let node = members[member];
+            let client = client.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = client.node_request(node, req).await;
+                let _ = tx.send((action, r));
+            });
+        }
+    };
+    issue(actions);
+    loop {
+        match rec.outcome() {
+            Some(Ok(end)) => return Ok(end),
+            Some(Err(RecoveryFailure::Superseded(e))) => {
+                return Err(StorageError::Fenced(format!(
+                    "segment {} fenced at epoch {e} by a newer writer",
+                    segment.id
+                )));
+            }
+            Some(Err(RecoveryFailure::Unavailable)) => {
+                return Err(StorageError::Unavailable(format!(
+                    "too few members of segment {} answered recovery",
+                    segment.id
+                )));
+            }
+            None => {}
+        }
+        let Some((action, result)) = rx.recv().await else {
+            return Err(StorageError::Unavailable("recovery lost its replies".into()));
+        };
+        let next = match action {
+            RecoveryAction::Fence { member } => {
+                let answer = match result {
+                    Ok(Response::FenceOk {
+                        last_entry,
+                        lac,
+                        end,
+                    }) => FenceAnswer::Fenced {
+                        last_entry,
+                        lac,
+                        end,
+                    },
+                    Ok(Response::Fenced { epoch }) => FenceAnswer::Superseded(epoch),
+                    _ => FenceAnswer::Failed,
+                };
+                rec.on_fence(member, answer)
+            }
+            RecoveryAction::Read { member, entry } => {
+                let answer = match result {
+                    Ok(Response::Entries { entries, .. }) => entries
+                        .into_iter()
+                        .find(|e| e.entry == entry)
+                        .map_or(EntryAnswer::Absent, |e| EntryAnswer::Ok(Some(e.payload))),
+                    Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
+                    _ => EntryAnswer::Failed,
+                };
+                rec.on_read(member, entry, answer)
+            }
+            RecoveryAction::Write { member, entry, .. } => {
+                let answer = match result {
+                    Ok(Response::Ok) => EntryAnswer::Ok(None),
+                    Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
+                    _ => EntryAnswer::Failed,
+                };
+                rec.on_write(member, entry, answer)
+            }
+        };
+        issue(next);
+    }
+}
+
+/// Delete `log`: mark it deleted (raising its epoch, so its writer's descriptor changes
+/// fail) and drop its segments on the storage nodes, which then refuse its appends.
+pub(crate) async fn delete(client: &Arc<ClientInner>, log: LogId) -> Result<(), StorageError> {
+    client.refresh_registry().await?;
+    let key = meta::log_key(log);
+    let written = client
+        .registers
+        .update(&key, |cur| {
+            let Some(mut m) = decode_meta(cur)? else {
+                return Ok(None);
+            };
+            m.deleted = true;
+            m.epoch = m.epoch.next();
+            m.owner = None;
+            Ok::<_, StorageError>(Some(meta::encode(&m)))
+        })
+        .await??;
+    let Some(m) = decode_meta(written.as_ref())? else {
+        return Ok(());
+    };
+    delete_segments(client, &m.segments).await;
+    Ok(())
+}
+
+async fn delete_segments(client: &Arc<ClientInner>, segments: &[SegmentMeta]) {
+    let mut calls = JoinSet::new();
+    for s in segments {
+        for node in &s.ensemble {
+            let client = client.clone();
+            let (node, segment) = (*node, s.id);
+            calls.spawn(async move {
+                if let Err(e) = client
+                    .node_request(node, Request::Delete { segment: segment.0 })
+                    .await
+                {
+                    // Its entries stay on that node until an orphan scrub removes them.
+                    tracing::warn!(%node, %segment, error = %e, "could not delete segment");
+                }
+            });
+        }
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+/// The single writer of one queue log, at one epoch.
+pub struct LogWriter {
+    core: Arc<Core>,
+}
+
+struct Core {
+    client: Arc<ClientInner>,
+    log: LogId,
+    epoch: Epoch,
+    replies: mpsc::UnboundedSender<(u64, Result<Response, StorageError>)>,
+    st: Mutex<WriterState>,
+}
+
+struct WriterState {
+    meta: LogMeta,
+    seg_index: u32,
+    segment: SegmentMeta,
+    conns: Vec<Option<Arc<Conn>>>,
+    reconnecting: Vec<bool>,
+    quorum: AppendQuorum,
+    // One per unresolved entry, in entry order.
+    waiters: VecDeque<oneshot::Sender<Result<LogPosition, StorageError>>>,
+    fenced: Option<String>,
+}
+
+fn tag(member: usize, entry: u64) -> u64 {
+    (entry << 8) | member as u64
+}
+
+fn untag(tag: u64) -> (usize, u64) {
+    ((tag & 0xff) as usize, tag >> 8)
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, st: &WriterState, s: SendEntry) {
+        if let Some(conn) = &st.conns[s.member] {
+            conn.submit(
+                Request::Append {
+                    segment: st.segment.id.0,
+                    epoch: self.epoch.0,
+                    entry: s.entry,
+                    lac: s.lac,
+                    payload: s.payload,
+                },
+                ReplyTo::Queue(self.replies.clone(), tag(s.member, s.entry)),
+            );
+        }
+    }
+
+    fn fence(&self, st: &mut WriterState, reason: String) {
+        if st.fenced.is_none() {
+            tracing::warn!(log = %self.log, epoch = %self.epoch, %reason, "log writer fenced");
+        }
+        st.quorum.take_unresolved();
+        for w in st.waiters.drain(..) {
+            let _ = w.send(Err(StorageError::Fenced(reason.clone())));
+        }
+        st.fenced = Some(reason);
+    }
+
+    fn on_reply(self: &Arc<Self>, tag: u64, result: Result<Response, StorageError>) {
+        let (member, entry) = untag(tag);
+        let mut st = self.lock();
+        if st.fenced.is_some() {
+            return;
+        }
+        match result {
+            Ok(Response::Ok) => {
+                let resolved = st.quorum.on_ack(member, entry);
+                let segment = st.seg_index;
+                for e in resolved {
+                    if let Some(w) = st.waiters.pop_front() {
+                        let _ = w.send(Ok(LogPosition { segment, entry: e }));
+                    }
+                }
+            }
+            Ok(Response::Fenced { epoch }) => {
+                let reason = format!(
+                    "log {} segment {} fenced at epoch {epoch} (ours is {})",
+                    self.log, st.segment.id, self.epoch
+                );
+                self.fence(&mut st, reason);
+            }
+            other => {
+                if let Err(e) = &other {
+                    tracing::debug!(log = %self.log, member, error = %e, "ensemble member failed");
+                }
+                st.quorum.on_member_down(member);
+                st.conns[member] = None;
+                if !st.reconnecting[member] {
+                    st.reconnecting[member] = true;
+                    tokio::spawn(reconnect(Arc::downgrade(self), member));
+                }
+            }
+        }
+    }
+}
+
+/// Bring a failed ensemble member back: reconnect (re-reading the registry, since a
+/// restarted node may listen elsewhere) and resend what it missed.
+async fn reconnect(core: Weak<Core>, member: usize) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+        let Some(core) = core.upgrade() else { return };
+        let node = {
+            let st = core.lock();
+            if st.fenced.is_some() {
+                return;
+            }
+            st.segment.ensemble[member]
+        };
+        let Ok(conn) = core.client.node_conn(node).await else {
+            continue;
+        };
+        let mut st = core.lock();
+        st.conns[member] = Some(conn);
+        st.reconnecting[member] = false;
+        let resend = st.quorum.on_member_up(member);
+        tracing::debug!(log = %core.log, %node, resend = resend.len(), "ensemble member back");
+        for s in resend {
+            core.send(&st, s);
+        }
+        return;
+    }
+}
+
+impl LogWriter {
+    async fn open(
+        client: Arc<ClientInner>,
+        log: LogId,
+        meta: LogMeta,
+    ) -> Result<LogWriter, StorageError> {
+        let segment = meta
+            .segments
+            .last()
+            .cloned()
+            .ok_or_else(|| StorageError::Corrupt("log has no segment after takeover".into()))?;
+        let seg_index = meta.next_index() - 1;
+        let n = segment.ensemble.len();
+        let mut conns = vec![None; n];
+        let mut calls = JoinSet::new();
+        for (i, node) in segment.ensemble.iter().enumerate() {
+            let (client, node) = (client.clone(), *node);
+            calls.spawn(async move { (i, client.node_conn(node).await) });
+        }
+        while let Some(Ok((i, c))) = calls.join_next().await {
+            conns[i] = c.ok();
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let quorum = AppendQuorum::new(n, segment.ack_quorum.min(n), 0);
+        let epoch = meta.epoch;
+        let core = Arc::new(Core {
+            client,
+            log,
+            epoch,
+            replies: tx,
+            st: Mutex::new(WriterState {
+                meta,
+                seg_index,
+                segment,
+                conns,
+                reconnecting: vec![false; n],
+                quorum,
+                waiters: VecDeque::new(),
+                fenced: None,
+            }),
+        });
+        {
+            let mut st = core.lock();
+            for m in 0..n {
+                if st.conns[m].is_none() {
+                    st.quorum.on_member_down(m);
+                    st.reconnecting[m] = true;
+                    tokio::spawn(reconnect(Arc::downgrade(&core), m));
+                }
+            }
+        }
+        let weak = Arc::downgrade(&core);
+        tokio::spawn(async move {
+            while let Some((tag, result)) = rx.recv().await {
+                let Some(core) = weak.upgrade() else { return };
+                core.on_reply(tag, result);
+            }
+        });
+        tracing::info!(%log, %epoch, segment = seg_index, "log writer ready");
+        Ok(LogWriter { core })
+    }
+
+    /// The epoch this writer holds.
+    pub fn epoch(&self) -> Epoch {
+        self.core.epoch
+    }
+
+    /// Append one entry. The position is assigned when this is called (so appends made in
+    /// order get increasing positions); the returned future resolves once `ack_quorum`
+    /// storage nodes have the entry on disk. Many appends may be in flight at once; they
+    /// resolve in position order. `Err(Fenced)` means a newer owner exists: stop serving.
+    pub fn append(
+        &self,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<LogPosition, StorageError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let early = {
+            let core = &self.core;
+            let mut st = core.lock();
+            if let Some(reason) = &st.fenced {
+                Some(StorageError::Fenced(reason.clone()))
+            } else {
+                let (_, sends) = st.quorum.push(payload);
+                st.waiters.push_back(tx);
+                for s in sends {
+                    core.send(&st, s);
+                }
+                None
+            }
+        };
+        async move {
+            if let Some(e) = early {
+                return Err(e);
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(StorageError::Unavailable("log writer closed".into())))
+        }
+    }
+
+    /// Read up to `max_entries` live entries at or after `from` (use [`LogWriter::start`]
+    /// for the first live position), in order. An empty result means the end of the log.
+    pub async fn read(
+        &self,
+        from: LogPosition,
+        max_entries: usize,
+    ) -> Result<Vec<LogEntry>, StorageError> {
+        let (meta, current, resolved) = {
+            let st = self.core.lock();
+            (st.meta.clone(), st.seg_index, st.quorum.resolved())
+        };
+        let mut pos = from.max(LogPosition {
+            segment: meta.first,
+            entry: 0,
+        });
+        let mut out = Vec::new();
+        while out.len() < max_entries {
+            let Some(seg) = meta.segment(pos.segment) else {
+                break;
+            };
+            // Only acknowledged entries are part of the log.
+            let bound = if pos.segment == current {
+                resolved
+            } else {
+                seg.end.unwrap_or(0)
+            };
+            if pos.entry >= bound {
+                if pos.segment < current {
+                    pos = LogPosition {
+                        segment: pos.segment + 1,
+                        entry: 0,
+                    };
+                    continue;
+                }
+                break;
+            }
+            let want = ((bound - pos.entry) as usize).min(max_entries - out.len());
+            let got = self.read_segment(seg, pos.entry, want).await?;
+            for (entry, payload) in got {
+                out.push(LogEntry {
+                    position: LogPosition {
+                        segment: pos.segment,
+                        entry,
+                    },
+                    payload,
+                });
+                pos.entry = entry + 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A contiguous run of entries `from..` (at most `want`) from any member that has it.
+    async fn read_segment(
+        &self,
+        seg: &SegmentMeta,
+        from: u64,
+        want: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StorageError> {
+        let mut last_err = None;
+        for node in &seg.ensemble {
+            let req = Request::Read {
+                segment: seg.id.0,
+                from,
+                max_entries: want.min(u32::MAX as usize) as u32,
+                max_bytes: READ_MAX_BYTES,
+            };
+            match self.core.client.node_request(*node, req).await {
+                Ok(Response::Entries { entries, .. }) => {
+                    let run: Vec<_> = entries
+                        .into_iter()
+                        .zip(from..)
+                        .take_while(|(e, want)| e.entry == *want)
+                        .take(want)
+                        .map(|(e, _)| (e.entry, e.payload))
+                        .collect();
+                    if !run.is_empty() {
+                        return Ok(run);
+                    }
+                }
+                Ok(other) => last_err = Some(format!("{other:?}")),
+                Err(e) => last_err = Some(e.to_string()),
+            }
+        }
+        Err(StorageError::Unavailable(format!(
+            "no member of segment {} has entry {from} ({})",
+            seg.id,
+            last_err.unwrap_or_default()
+        )))
+    }
+
+    /// The first live position of the log (everything before it was trimmed).
+    pub fn start(&self) -> LogPosition {
+        LogPosition {
+            segment: self.core.lock().meta.first,
+            entry: 0,
+        }
+    }
+
+    /// Declare everything before `before` no longer needed; storage may drop whole segments
+    /// below it. Replay after a takeover starts at the trim point.
+    pub async fn trim(&self, before: LogPosition) -> Result<(), StorageError> {
+        let core = &self.core;
+        let (epoch, log, current) = (core.epoch, core.log, core.lock().seg_index);
+        // Never the segment being written.
+        let new_first = before.segment.min(current);
+        let key = meta::log_key(log);
+        let mut removed = Vec::new();
+        let written = core
+            .client
+            .registers
+            .update(&key, |cur| {
+                let mut m = decode_meta(cur)?
+                    .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
+                if m.epoch != epoch || m.deleted {
+                    return Err(StorageError::Fenced(format!(
+                        "log {log} taken over at {}",
+                        m.epoch
+                    )));
+                }
+                removed.clear();
+                while m.first < new_first && !m.segments.is_empty() {
+                    removed.push(m.segments.remove(0));
+                    m.first += 1;
+                }
+                Ok(Some(meta::encode(&m)))
+            })
+            .await?;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                if matches!(e, StorageError::Fenced(_)) {
+                    let mut st = core.lock();
+                    core.fence(&mut st, e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        if let Some(m) = decode_meta(written.as_ref())? {
+            let mut st = core.lock();
+            st.meta.first = m.first;
+            st.meta.segments = m.segments;
+        }
+        delete_segments(&core.client, &removed).await;
+        Ok(())
+    }
+}

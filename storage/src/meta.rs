@@ -1,0 +1,126 @@
+//! Metadata kept in registers: the node registry and queue-log descriptors. Values are JSON
+//! so that fields can be added without a migration (unknown fields are ignored, missing ones
+//! take their defaults).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use warren_common::{Epoch, Generation, LogId, NodeId, SegmentId, Zone};
+
+use crate::StorageError;
+
+/// Register key of the storage node registry.
+pub const NODES_KEY: &str = "nodes";
+
+/// Register key of a log's descriptor.
+pub fn log_key(log: LogId) -> String {
+    format!("log/{log}")
+}
+
+/// One storage node as published in the registry at its last start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Operator-facing node name.
+    pub name: String,
+    /// The node's zone.
+    pub zone: Zone,
+    /// QUIC data-plane address.
+    pub data_addr: SocketAddr,
+    /// gRPC control-plane address.
+    pub control_addr: SocketAddr,
+    /// Raised at every process start.
+    pub generation: Generation,
+}
+
+/// The storage node registry: every node identity ever started, by id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistry {
+    /// Nodes by id.
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+}
+
+/// One segment of a log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentMeta {
+    /// Cluster-wide unique id.
+    pub id: SegmentId,
+    /// Epoch of the writer that created it.
+    pub epoch: Epoch,
+    /// Storage nodes holding it, in distinct zones where possible.
+    pub ensemble: Vec<NodeId>,
+    /// Copies that must be on disk for an entry to count.
+    pub ack_quorum: usize,
+    /// `None` while open; `Some(n)` once sealed with entries `0..n`.
+    #[serde(default)]
+    pub end: Option<u64>,
+}
+
+/// A queue log's descriptor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMeta {
+    /// Raised by every takeover.
+    pub epoch: Epoch,
+    /// The compute node that holds `epoch`.
+    #[serde(default)]
+    pub owner: Option<NodeId>,
+    /// Log index of `segments[0]`; lower segments were trimmed.
+    #[serde(default)]
+    pub first: u32,
+    /// Live segments in log order; only the last may be open.
+    #[serde(default)]
+    pub segments: Vec<SegmentMeta>,
+    /// The log was deleted; it can never be written again.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl LogMeta {
+    /// Log index of the segment after the last one.
+    pub fn next_index(&self) -> u32 {
+        self.first + self.segments.len() as u32
+    }
+
+    /// The segment with log index `index`, if live.
+    pub fn segment(&self, index: u32) -> Option<&SegmentMeta> {
+        index
+            .checked_sub(self.first)
+            .and_then(|i| self.segments.get(i as usize))
+    }
+}
+
+/// Serialize a register value.
+pub fn encode<T: Serialize>(value: &T) -> Bytes {
+    // Serializing these plain structs to JSON cannot fail (no maps with non-string keys
+    // other than NodeId, which serializes as a string).
+    Bytes::from(serde_json::to_vec(value).expect("metadata serializes to JSON"))
+}
+
+/// Deserialize a register value.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt(format!("metadata: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn registry_round_trips() {
+        let mut reg = NodeRegistry::default();
+        reg.nodes.insert(
+            NodeId::random(),
+            NodeRecord {
+                name: "s1".into(),
+                zone: Zone("a".into()),
+                data_addr: "127.0.0.1:1".parse().unwrap(),
+                control_addr: "127.0.0.1:2".parse().unwrap(),
+                generation: Generation(3),
+            },
+        );
+        let back: NodeRegistry = decode(&encode(&reg)).unwrap();
+        assert_eq!(back, reg);
+    }
+}

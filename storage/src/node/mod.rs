@@ -1,0 +1,187 @@
+//! The storage node: journal-backed segment store served over QUIC, and the CASPaxos
+//! acceptor served over gRPC. Storage nodes never talk to each other; at start a node only
+//! publishes itself in the node registry (a register like any other).
+
+pub mod data_server;
+pub mod journal;
+pub mod registers;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
+use tracing::Instrument;
+use warren_common::{Generation, NodeId};
+
+use crate::StorageError;
+use crate::client::Registers;
+use crate::config::StorageNodeConfig;
+use crate::meta::{self, NODES_KEY, NodeRecord, NodeRegistry};
+
+/// Read this node's identity from `dir`, or create one if the directory holds no state.
+/// A directory with a journal but no identity is refused: its promises belong to an
+/// identity that can no longer be proven.
+pub fn load_or_create_node_id(dir: &Path) -> Result<NodeId, StorageError> {
+    let path = dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => uuid::Uuid::parse_str(s.trim())
+            .map(NodeId)
+            .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("journal").exists() || dir.join("registers").exists() {
+                return Err(StorageError::Corrupt(format!(
+                    "{} holds storage state but no node_id; refusing to reuse it under a new identity",
+                    dir.display()
+                )));
+            }
+            let id = NodeId::random();
+            let tmp = dir.join("node_id.tmp");
+            std::fs::write(&tmp, id.0.to_string())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            tracing::info!(node = %id, "new storage node identity");
+            Ok(id)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Run a storage node until `shutdown` resolves.
+pub async fn run(
+    config: StorageNodeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StorageError> {
+    let listener = tokio::net::TcpListener::bind(config.control_addr).await?;
+    run_with_control_listener(config, listener, shutdown).await
+}
+
+/// Run a storage node on an already bound control-plane listener (lets tests and
+/// supervisors pick free ports without a race).
+pub async fn run_with_control_listener(
+    config: StorageNodeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StorageError> {
+    config
+        .validate()
+        .map_err(|e| StorageError::Invalid(e.to_string()))?;
+    // tonic builds its server TLS config with the process default provider; make it ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::fs::create_dir_all(&config.data_dir)?;
+    let node_id = load_or_create_node_id(&config.data_dir)?;
+    let store = store::Store::open(&config.data_dir, config.max_batch_bytes)?;
+    let acceptor = Arc::new(registers::AcceptorStore::open(&config.data_dir)?);
+
+    let endpoint = crate::quic::server_endpoint(&config.tls, config.data_addr)?;
+    let data_addr = config
+        .advertise_data_addr
+        .unwrap_or(endpoint.local_addr()?);
+    let control_addr = config
+        .advertise_control_addr
+        .unwrap_or(listener.local_addr()?);
+    let span = tracing::info_span!("storage", node = %node_id, name = %config.name);
+    serve(config, listener, node_id, store, acceptor, endpoint, data_addr, control_addr, shutdown)
+        .instrument(span)
+        .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: StorageNodeConfig,
+    listener: tokio::net::TcpListener,
+    node_id: NodeId,
+    store: Arc<store::Store>,
+    acceptor: Arc<registers::AcceptorStore>,
+    endpoint: quinn::Endpoint,
+    data_addr: SocketAddr,
+    control_addr: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StorageError> {
+    tracing::info!(%data_addr, %control_addr, zone = %config.zone, "storage node listening");
+
+    let data_task = tokio::spawn(data_server::serve(endpoint.clone(), store.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tonic::transport::Server::builder()
+        .tls_config(crate::rpc::server_tls(&config.tls)?)
+        .map_err(|e| StorageError::Invalid(format!("control-plane tls: {e}")))?
+        .add_service(crate::rpc::RegistersService::new(acceptor))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+            let _ = stop_rx.await;
+        });
+    let grpc_task = tokio::spawn(grpc);
+
+    let record = NodeRecord {
+        name: config.name.clone(),
+        zone: config.zone.clone(),
+        data_addr,
+        control_addr,
+        generation: Generation(0),
+    };
+    let register_task = tokio::spawn(
+        register_self(config.seeds.clone(), config.tls.clone(), node_id, record)
+            .in_current_span(),
+    );
+
+    shutdown.await;
+    tracing::info!("storage node shutting down");
+    register_task.abort();
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    let _ = stop_tx.send(());
+    data_task.abort();
+    let _ = grpc_task.await;
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Publish this node in the registry with a fresh generation, retrying until a majority of
+/// seeds answers (at cluster start the other seeds may not be up yet).
+async fn register_self(
+    seeds: Vec<SocketAddr>,
+    tls: warren_common::config::TlsPaths,
+    node_id: NodeId,
+    record: NodeRecord,
+) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let result = async {
+            let regs = Registers::connect(&seeds, &tls)?;
+            regs.update(NODES_KEY, |cur| {
+                let mut reg: NodeRegistry = match cur {
+                    Some(b) => meta::decode(b)?,
+                    None => NodeRegistry::default(),
+                };
+                let generation = reg
+                    .nodes
+                    .get(&node_id)
+                    .map_or(Generation(1), |r| Generation(r.generation.0 + 1));
+                reg.nodes.insert(
+                    node_id,
+                    NodeRecord {
+                        generation,
+                        ..record.clone()
+                    },
+                );
+                Ok::<_, StorageError>(Some(meta::encode(&reg)))
+            })
+            .await
+        }
+        .await;
+        match result {
+            Ok(Ok(_)) => {
+                tracing::info!("registered in the node registry");
+                return;
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::debug!(error = %e, "node registration not possible yet; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

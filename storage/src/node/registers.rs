@@ -1,0 +1,167 @@
+//! The node's CASPaxos acceptor state: one record per change in an append-only file,
+//! fsync'd before the acceptor answers, compacted at every start.
+
+use bytes::{BufMut, BytesMut};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::journal::crc32;
+use crate::StorageError;
+use crate::protocol::caspaxos::{AcceptorState, Ballot};
+
+/// Durable acceptor state for every key this node has seen.
+pub struct AcceptorStore {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: File,
+    keys: HashMap<String, AcceptorState>,
+    poisoned: bool,
+}
+
+/// An acceptor's answer to a prepare.
+pub type PrepareResult = Result<(Option<Ballot>, Option<bytes::Bytes>), Ballot>;
+
+fn encode_record(key: &str, state: &AcceptorState, buf: &mut BytesMut) {
+    // (key, state) pairs serialize as a JSON array; this cannot fail.
+    let body = serde_json::to_vec(&(key, state)).expect("acceptor state serializes");
+    buf.put_u32(body.len() as u32);
+    buf.put_u32(crc32(&body));
+    buf.put_slice(&body);
+}
+
+fn load(path: &Path) -> Result<HashMap<String, AcceptorState>, StorageError> {
+    let mut keys = HashMap::new();
+    let Ok(file) = File::open(path) else {
+        return Ok(keys);
+    };
+    let mut r = BufReader::new(file);
+    loop {
+        let mut header = [0u8; 8];
+        if r.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len > 64 * 1024 * 1024 {
+            break;
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() || crc32(&body) != crc {
+            // Torn tail: the acceptor never answered for it.
+            break;
+        }
+        let (key, state): (String, AcceptorState) = serde_json::from_slice(&body)
+            .map_err(|e| StorageError::Corrupt(format!("register record: {e}")))?;
+        keys.insert(key, state);
+    }
+    Ok(keys)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl AcceptorStore {
+    /// Load `dir/registers`, rewrite it compacted, and open it for appending.
+    pub fn open(dir: &Path) -> Result<AcceptorStore, StorageError> {
+        let path: PathBuf = dir.join("registers");
+        let keys = load(&path)?;
+        let tmp = dir.join("registers.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            let mut buf = BytesMut::new();
+            for (k, s) in &keys {
+                encode_record(k, s, &mut buf);
+            }
+            f.write_all(&buf)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(dir)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        tracing::info!(keys = keys.len(), "register acceptor state loaded");
+        Ok(AcceptorStore {
+            inner: Mutex::new(Inner {
+                file,
+                keys,
+                poisoned: false,
+            }),
+        })
+    }
+
+    fn change<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut AcceptorState) -> Result<T, Ballot>,
+    ) -> Result<Result<T, Ballot>, StorageError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.poisoned {
+            return Err(StorageError::Unavailable(
+                "register file failed earlier".into(),
+            ));
+        }
+        let mut state = inner.keys.get(key).cloned().unwrap_or_default();
+        let out = match f(&mut state) {
+            Ok(v) => v,
+            Err(b) => return Ok(Err(b)),
+        };
+        let mut buf = BytesMut::new();
+        encode_record(key, &state, &mut buf);
+        if let Err(e) = inner.file.write_all(&buf).and_then(|()| inner.file.sync_data()) {
+            inner.poisoned = true;
+            tracing::error!(error = %e, "register file write failed; refusing until restart");
+            return Err(e.into());
+        }
+        inner.keys.insert(key.to_string(), state);
+        Ok(Ok(out))
+    }
+
+    /// Phase 1, durable before it returns (blocking: call from a blocking context).
+    pub fn prepare(&self, key: &str, ballot: Ballot) -> Result<PrepareResult, StorageError> {
+        self.change(key, |s| s.prepare(ballot))
+    }
+
+    /// Phase 2, durable before it returns (blocking: call from a blocking context).
+    pub fn accept(
+        &self,
+        key: &str,
+        ballot: Ballot,
+        value: Option<bytes::Bytes>,
+    ) -> Result<Result<(), Ballot>, StorageError> {
+        self.change(key, |s| s.accept(ballot, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn promises_and_values_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = |c| Ballot {
+            counter: c,
+            proposer: [1; 16],
+        };
+        {
+            let s = AcceptorStore::open(dir.path()).unwrap();
+            s.prepare("k", b(1)).unwrap().unwrap();
+            s.accept("k", b(1), Some(bytes::Bytes::from_static(b"v")))
+                .unwrap()
+                .unwrap();
+            s.prepare("k", b(5)).unwrap().unwrap();
+        }
+        let s = AcceptorStore::open(dir.path()).unwrap();
+        assert_eq!(s.prepare("k", b(3)).unwrap(), Err(b(5)));
+        assert_eq!(
+            s.prepare("k", b(6)).unwrap(),
+            Ok((Some(b(1)), Some(bytes::Bytes::from_static(b"v"))))
+        );
+    }
+}
