@@ -99,8 +99,20 @@ pub fn send_signal(pid: u32, signal: &str, group: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// True while process `pid` (or, with `group`, any member of its group) exists.
+/// True while process `pid` (or, with `group`, any member of its group) exists. A zombie
+/// (killed, not yet reaped by its parent) counts as gone.
 fn alive(pid: u32, group: bool) -> bool {
+    if !group {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name, which may contain spaces.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            return state != Some("Z");
+        }
+        return false;
+    }
     send_signal(pid, "0", group).is_ok()
 }
 
@@ -191,8 +203,11 @@ impl WarrenDev {
             let pgid = child.id();
             let _ = send_signal(pgid, "KILL", true);
             for pid in &pids {
-                // Children normally share the group; this also covers one that left it.
-                let _ = send_signal(*pid, "KILL", false);
+                // Children normally share the group; this also covers one that left it (but
+                // never a recycled pid that is no longer ours).
+                if is_child_of(*pid, pgid) {
+                    let _ = send_signal(*pid, "KILL", false);
+                }
             }
             let _ = child.wait();
             wait_gone(pgid, true, Duration::from_secs(10));
@@ -328,13 +343,26 @@ impl Drop for WarrenDev {
                 self.log_tail(60)
             );
         }
-        if let Some(mut child) = self.child.take() {
-            let pgid = child.id();
-            let _ = send_signal(pgid, "KILL", true);
-            let _ = child.wait();
-            wait_gone(pgid, true, Duration::from_secs(10));
+        if self.child.is_some() {
+            let _ = self.kill_all_sigkill();
         }
     }
+}
+
+/// True if `pid` is a child of `parent` or a member of process group `parent`.
+fn is_child_of(pid: u32, parent: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // After the parenthesised command name: state, ppid, pgrp, ...
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u32>().ok());
+    field(1) == Some(parent) || field(2) == Some(parent)
 }
 
 fn wait_gone(pid: u32, group: bool, timeout: Duration) {
