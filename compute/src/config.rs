@@ -142,15 +142,17 @@ impl ComputeConfig {
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
-        if self.limits.max_message_size == 0 || self.limits.max_message_size > 512 * 1024 * 1024
-        {
+        if self.limits.max_message_size == 0 || self.limits.max_message_size > 512 * 1024 * 1024 {
             return Err(invalid(
                 "limits.max_message_size",
                 "must be between 1 and 536870912 (512 MiB)",
             ));
         }
         if self.limits.max_inflight_confirms == 0 {
-            return Err(invalid("limits.max_inflight_confirms", "must be at least 1"));
+            return Err(invalid(
+                "limits.max_inflight_confirms",
+                "must be at least 1",
+            ));
         }
         if self.node_name.is_empty() {
             return Err(invalid("node_name", "must not be empty"));

@@ -19,119 +19,15 @@ pub enum ComputeError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The node could not load its metadata.
+    #[error("startup failed: {0}")]
+    Startup(String),
     /// Accepting connections failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// AMQP 0-9-1 reply codes Warren sends (RabbitMQ's set).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReplyCode {
-    /// 200: normal close.
-    Success,
-    /// 311
-    ContentTooLarge,
-    /// 312: a mandatory message could not be routed.
-    NoRoute,
-    /// 320: the server closes the connection (shutdown).
-    ConnectionForced,
-    /// 402
-    InvalidPath,
-    /// 403
-    AccessRefused,
-    /// 404
-    NotFound,
-    /// 405: exclusive queue of another connection, or exclusive consumer.
-    ResourceLocked,
-    /// 406: declared with different settings, unknown delivery tag, ...
-    PreconditionFailed,
-    /// 501
-    FrameError,
-    /// 502
-    SyntaxError,
-    /// 503
-    CommandInvalid,
-    /// 504
-    ChannelError,
-    /// 505
-    UnexpectedFrame,
-    /// 506
-    ResourceError,
-    /// 530
-    NotAllowed,
-    /// 540
-    NotImplemented,
-    /// 541
-    InternalError,
-}
-
-impl ReplyCode {
-    /// The numeric code on the wire.
-    pub fn code(self) -> u16 {
-        match self {
-            ReplyCode::Success => 200,
-            ReplyCode::ContentTooLarge => 311,
-            ReplyCode::NoRoute => 312,
-            ReplyCode::ConnectionForced => 320,
-            ReplyCode::InvalidPath => 402,
-            ReplyCode::AccessRefused => 403,
-            ReplyCode::NotFound => 404,
-            ReplyCode::ResourceLocked => 405,
-            ReplyCode::PreconditionFailed => 406,
-            ReplyCode::FrameError => 501,
-            ReplyCode::SyntaxError => 502,
-            ReplyCode::CommandInvalid => 503,
-            ReplyCode::ChannelError => 504,
-            ReplyCode::UnexpectedFrame => 505,
-            ReplyCode::ResourceError => 506,
-            ReplyCode::NotAllowed => 530,
-            ReplyCode::NotImplemented => 540,
-            ReplyCode::InternalError => 541,
-        }
-    }
-
-    /// The name RabbitMQ prefixes reply texts with.
-    pub fn name(self) -> &'static str {
-        match self {
-            ReplyCode::Success => "OK",
-            ReplyCode::ContentTooLarge => "CONTENT_TOO_LARGE",
-            ReplyCode::NoRoute => "NO_ROUTE",
-            ReplyCode::ConnectionForced => "CONNECTION_FORCED",
-            ReplyCode::InvalidPath => "INVALID_PATH",
-            ReplyCode::AccessRefused => "ACCESS_REFUSED",
-            ReplyCode::NotFound => "NOT_FOUND",
-            ReplyCode::ResourceLocked => "RESOURCE_LOCKED",
-            ReplyCode::PreconditionFailed => "PRECONDITION_FAILED",
-            ReplyCode::FrameError => "FRAME_ERROR",
-            ReplyCode::SyntaxError => "SYNTAX_ERROR",
-            ReplyCode::CommandInvalid => "COMMAND_INVALID",
-            ReplyCode::ChannelError => "CHANNEL_ERROR",
-            ReplyCode::UnexpectedFrame => "UNEXPECTED_FRAME",
-            ReplyCode::ResourceError => "RESOURCE_ERROR",
-            ReplyCode::NotAllowed => "NOT_ALLOWED",
-            ReplyCode::NotImplemented => "NOT_IMPLEMENTED",
-            ReplyCode::InternalError => "INTERNAL_ERROR",
-        }
-    }
-
-    /// Whether this code closes the whole connection (a "hard" error) rather than a channel.
-    pub fn is_hard(self) -> bool {
-        matches!(
-            self,
-            ReplyCode::ConnectionForced
-                | ReplyCode::InvalidPath
-                | ReplyCode::FrameError
-                | ReplyCode::SyntaxError
-                | ReplyCode::CommandInvalid
-                | ReplyCode::ChannelError
-                | ReplyCode::UnexpectedFrame
-                | ReplyCode::ResourceError
-                | ReplyCode::NotAllowed
-                | ReplyCode::NotImplemented
-                | ReplyCode::InternalError
-        )
-    }
-}
+pub use warren_proto::amqp::ReplyCode;
 
 /// A protocol error to report to the client: code, text, and the method that caused it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -208,6 +104,18 @@ impl AmqpError {
     /// 541 INTERNAL_ERROR.
     pub fn internal(text: impl Into<String>) -> Self {
         Self::new(ReplyCode::InternalError, text)
+    }
+}
+
+impl From<warren_proto::amqp::FrameError> for AmqpError {
+    fn from(e: warren_proto::amqp::FrameError) -> Self {
+        let (class_id, method_id) = e.method_ids();
+        AmqpError {
+            code: e.reply_code(),
+            text: e.to_string(),
+            class_id,
+            method_id,
+        }
     }
 }
 

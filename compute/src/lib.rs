@@ -4,15 +4,19 @@
 //! ([`channel`], [`handlers`]), publishes are routed ([`routing`], [`topology`]) to queue
 //! owners ([`queue`]) that keep each queue's state and write its log to storage.
 
+pub mod channel;
 pub mod config;
 pub mod connection;
 pub mod error;
+mod handlers;
 pub mod message;
 pub mod meta;
 pub mod node;
 pub mod queue;
 pub mod routing;
+pub mod server;
 pub mod topology;
 
 pub use config::ComputeConfig;
 pub use error::{AmqpError, ComputeError, ReplyCode};
+pub use server::{ComputeNode, run};

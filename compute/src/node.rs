@@ -49,6 +49,8 @@ pub struct Node {
     opening: tokio::sync::Mutex<()>,
     ids: AtomicU64,
     this: Weak<Node>,
+    /// Set to true when the node stops: connections close with 320 CONNECTION_FORCED.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -71,6 +73,7 @@ impl Node {
             opening: tokio::sync::Mutex::new(()),
             ids: AtomicU64::new(1),
             this: this.clone(),
+            shutdown: tokio::sync::watch::channel(false).0,
         });
         node.topology.load("/").await?;
         Ok(node)
@@ -125,7 +128,13 @@ impl Node {
                 info!(queue = %def.name, vhost, %epoch, records = n, ready = engine.ready_count(), "queue owner started");
                 owner::spawn(engine, log, parts, def.auto_delete, on_exit)
             }
-            _ => owner::spawn(QueueEngine::new(), MemoryLog, parts, def.auto_delete, on_exit),
+            _ => owner::spawn(
+                QueueEngine::new(),
+                MemoryLog,
+                parts,
+                def.auto_delete,
+                on_exit,
+            ),
         };
         let mut map = match self.queues.lock() {
             Ok(m) => m,
@@ -157,7 +166,14 @@ impl Node {
         Ok(())
     }
 
-    fn owner_exited(&self, id: u64, vhost: String, name: String, log_id: LogId, reason: ExitReason) {
+    fn owner_exited(
+        &self,
+        id: u64,
+        vhost: String,
+        name: String,
+        log_id: LogId,
+        reason: ExitReason,
+    ) {
         {
             let mut map = match self.queues.lock() {
                 Ok(m) => m,

@@ -280,13 +280,8 @@ impl QueueEngine {
             .entry(Reverse(spec.priority))
             .or_default()
             .push_back(spec.id);
-        self.consumers.insert(
-            spec.id,
-            Consumer {
-                spec,
-                unacked: 0,
-            },
-        );
+        self.consumers
+            .insert(spec.id, Consumer { spec, unacked: 0 });
         Ok(())
     }
 
@@ -598,7 +593,10 @@ mod tests {
         let got: Vec<(String, bool)> = (0..3)
             .map(|_| {
                 let (e, _) = q.get(ch(1), true).unwrap();
-                (String::from_utf8(e.msg.body.to_vec()).unwrap(), e.redelivered)
+                (
+                    String::from_utf8(e.msg.body.to_vec()).unwrap(),
+                    e.redelivered,
+                )
             })
             .collect();
         assert_eq!(

@@ -24,7 +24,10 @@ pub trait QueueLog: Send + 'static {
     /// Every live record, in order, for replay on takeover.
     fn replay(&mut self) -> impl Future<Output = Result<Vec<Bytes>, StorageError>> + Send;
     /// Storage may free everything before `before`.
-    fn trim(&mut self, before: LogPosition) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn trim(
+        &mut self,
+        before: LogPosition,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// Whether appends are replicated (so confirms must wait for them).
     fn is_durable(&self) -> bool;
 }

@@ -6,5 +6,7 @@ pub mod log;
 pub mod owner;
 pub mod record;
 
-pub use engine::{ChannelKey, ChannelLimiter, ConsumerId, ConsumerSpec, Delivery, QueueEngine, Seq};
+pub use engine::{
+    ChannelKey, ChannelLimiter, ConsumerId, ConsumerSpec, Delivery, QueueEngine, Seq,
+};
 pub use owner::{ConnEvent, ConnSink, QueueCmd, QueueHandle, QueueStats};

@@ -9,7 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 use warren_storage::StorageError;
 
-use super::engine::{ChannelKey, ConsumeError, ConsumerId, ConsumerSpec, Delivery, Entry, QueueEngine, Seq};
+use super::engine::{
+    ChannelKey, ConsumeError, ConsumerId, ConsumerSpec, Delivery, Entry, QueueEngine, Seq,
+};
 use super::log::{AppendFuture, QueueLog};
 use super::record::{self, Record};
 use crate::message::Message;

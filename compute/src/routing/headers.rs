@@ -26,7 +26,9 @@ pub fn x_match(args: &FieldTable) -> Result<XMatch, String> {
             Some("any") => Ok(XMatch::Any),
             Some("all-with-x") => Ok(XMatch::AllWithX),
             Some("any-with-x") => Ok(XMatch::AnyWithX),
-            _ => Err(format!("Invalid x-match field value {v:?}; expected all, any, all-with-x, or any-with-x")),
+            _ => Err(format!(
+                "Invalid x-match field value {v:?}; expected all, any, all-with-x, or any-with-x"
+            )),
         },
     }
 }
@@ -127,13 +129,25 @@ mod tests {
         ]);
         let cases: Vec<(FieldTable, Option<&FieldTable>, bool)> = vec![
             (table(&[("format", s("pdf"))]), Some(&msg), true),
-            (table(&[("format", s("pdf")), ("type", s("log"))]), Some(&msg), false),
             (
-                table(&[("x-match", s("any")), ("format", s("pdf")), ("type", s("log"))]),
+                table(&[("format", s("pdf")), ("type", s("log"))]),
+                Some(&msg),
+                false,
+            ),
+            (
+                table(&[
+                    ("x-match", s("any")),
+                    ("format", s("pdf")),
+                    ("type", s("log")),
+                ]),
                 Some(&msg),
                 true,
             ),
-            (table(&[("x-match", s("any")), ("a", s("b"))]), Some(&msg), false),
+            (
+                table(&[("x-match", s("any")), ("a", s("b"))]),
+                Some(&msg),
+                false,
+            ),
             (table(&[]), Some(&msg), true),
             (table(&[("x-match", s("any"))]), Some(&msg), false),
             (table(&[("format", s("pdf"))]), None, false),
@@ -144,8 +158,16 @@ mod tests {
             // x- keys are ignored by all/any...
             (table(&[("x-tag", s("other"))]), Some(&msg), true),
             // ...and compared by the -with-x forms.
-            (table(&[("x-match", s("all-with-x")), ("x-tag", s("other"))]), Some(&msg), false),
-            (table(&[("x-match", s("any-with-x")), ("x-tag", s("t"))]), Some(&msg), true),
+            (
+                table(&[("x-match", s("all-with-x")), ("x-tag", s("other"))]),
+                Some(&msg),
+                false,
+            ),
+            (
+                table(&[("x-match", s("any-with-x")), ("x-tag", s("t"))]),
+                Some(&msg),
+                true,
+            ),
         ];
         for (i, (args, headers, expect)) in cases.iter().enumerate() {
             let mode = x_match(args).unwrap();

@@ -173,9 +173,10 @@ impl Exchange {
                         idx.all.push(b.destination.clone());
                     }
                 }
-                ExchangeKind::Topic => idx
-                    .topic
-                    .push((topic::TopicPattern::new(&b.routing_key), b.destination.clone())),
+                ExchangeKind::Topic => idx.topic.push((
+                    topic::TopicPattern::new(&b.routing_key),
+                    b.destination.clone(),
+                )),
                 ExchangeKind::Headers => {
                     // Invalid x-match values are refused at bind time, so this never skips.
                     if let Ok(mode) = headers::x_match(&b.arguments) {
