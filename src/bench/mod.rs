@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Leave the queues (and any messages in them) in place at the end instead of deleting them.
     #[arg(long)]
     pub keep_queues: bool,
+    /// Use queues that already exist: neither declare, purge nor delete them (e.g. to drain a
+    /// backlog left by an earlier run with --keep-queues).
+    #[arg(long)]
+    pub predeclared: bool,
     /// Message body size in bytes (at least 16: the body carries its send time).
     #[arg(long, short = 's', default_value_t = 1024)]
     pub size: usize,
@@ -250,7 +254,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     let queues = args.queue_names();
     let cpu_at_start = report::process_cpu_seconds();
-    declare_queues(&args, &queues).await?;
+    if !args.predeclared {
+        declare_queues(&args, &queues).await?;
+    }
 
     // The run gets a runtime of its own. With the default of one thread, every producer and
     // consumer task shares it: on a small machine shared with the broker, cross-thread wake-ups
@@ -268,7 +274,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     })
     .await
     .context("bench runtime thread")?;
-    if !args.keep_queues {
+    if !args.keep_queues && !args.predeclared {
         delete_queues(&args.uri, &queues).await;
     }
     let mut report = result?;
