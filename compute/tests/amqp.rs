@@ -162,7 +162,8 @@ async fn every_exchange_type_routes_like_rabbitmq() {
     bind("q1", "amq.direct", "k", FieldTable::default()).await;
 
     // (exchange, routing key, headers, which queues get it)
-    let cases: Vec<(&str, &str, Option<(&str, &str)>, &[&str])> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         ("d", "red", None, &["q1"]),
         ("d", "blue", None, &["q2"]),
         ("d", "green", None, &[]),
@@ -672,7 +673,9 @@ async fn wrong_password_is_refused_and_other_connections_are_unaffected() {
     )
     .await
     .unwrap();
-    let e = r.err().expect("login with a wrong password must fail");
+    let Err(e) = r else {
+        panic!("login with a wrong password must fail");
+    };
     if let lapin::ErrorKind::ProtocolError(p) = e.kind() {
         assert_eq!(p.get_id(), 403);
     }
