@@ -30,7 +30,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// A server endpoint bound to `addr`.
-pub fn server_endpoint(paths: &TlsPaths, addr: SocketAddr) -> Result<quinn::Endpoint, StorageError> {
+pub fn server_endpoint(
+    paths: &TlsPaths,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, StorageError> {
     let mut crypto = tls::server_config(paths).map_err(tls_err)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(tls_err)?;

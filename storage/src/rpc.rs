@@ -53,7 +53,10 @@ fn internal(e: StorageError) -> tonic::Status {
     tonic::Status::unavailable(e.to_string())
 }
 
-async fn prepare(store: Arc<AcceptorStore>, req: PrepareRequest) -> Result<PrepareReply, tonic::Status> {
+async fn prepare(
+    store: Arc<AcceptorStore>,
+    req: PrepareRequest,
+) -> Result<PrepareReply, tonic::Status> {
     let ballot = ballot_from_wire(req.ballot)?;
     let key = req.key;
     let result = tokio::task::spawn_blocking(move || store.prepare(&key, ballot))
@@ -76,7 +79,10 @@ async fn prepare(store: Arc<AcceptorStore>, req: PrepareRequest) -> Result<Prepa
     })
 }
 
-async fn accept(store: Arc<AcceptorStore>, req: AcceptRequest) -> Result<AcceptReply, tonic::Status> {
+async fn accept(
+    store: Arc<AcceptorStore>,
+    req: AcceptRequest,
+) -> Result<AcceptReply, tonic::Status> {
     let ballot = ballot_from_wire(req.ballot)?;
     let key = req.key;
     let value = req.value;
@@ -147,9 +153,8 @@ where
         let store = self.store.clone();
         match req.uri().path() {
             PREPARE_PATH => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(
-                    ProstCodec::<PrepareReply, PrepareRequest>::default(),
-                );
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<PrepareReply, PrepareRequest>::default());
                 let svc = Unary(move |r| prepare(store.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
@@ -159,9 +164,9 @@ where
                 let svc = Unary(move |r| accept(store.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
-            _ => Box::pin(async move {
-                Ok(tonic::Status::unimplemented("no such method").into_http())
-            }),
+            _ => Box::pin(
+                async move { Ok(tonic::Status::unimplemented("no such method").into_http()) },
+            ),
         }
     }
 }
@@ -177,7 +182,9 @@ pub fn server_tls(paths: &TlsPaths) -> Result<tonic::transport::ServerTlsConfig,
             read(&paths.cert)?,
             read(&paths.key)?,
         ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(read(&paths.ca_cert)?)))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(
+            &paths.ca_cert,
+        )?)))
 }
 
 /// A client of one node's register acceptor.
@@ -196,7 +203,9 @@ impl AcceptorClient {
             std::fs::read(p).map_err(|e| StorageError::Invalid(format!("{}: {e}", p.display())))
         };
         let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read(&paths.ca_cert)?))
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                &paths.ca_cert,
+            )?))
             .identity(tonic::transport::Identity::from_pem(
                 read(&paths.cert)?,
                 read(&paths.key)?,

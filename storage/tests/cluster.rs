@@ -82,7 +82,9 @@ async fn read_all(w: &warren_storage::client::LogWriter) -> Vec<Bytes> {
 }
 
 fn payloads(prefix: &str, n: usize) -> Vec<Bytes> {
-    (0..n).map(|i| Bytes::from(format!("{prefix}-{i}"))).collect()
+    (0..n)
+        .map(|i| Bytes::from(format!("{prefix}-{i}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +165,10 @@ async fn a_second_owner_fences_the_first_and_keeps_everything_acknowledged() {
     assert!(replay.len() <= expected.len() + 1);
     // The new owner writes after the replayed tail.
     w2.append(Bytes::from_static(b"new")).await.unwrap();
-    assert_eq!(read_all(&w2).await.last().unwrap(), &Bytes::from_static(b"new"));
+    assert_eq!(
+        read_all(&w2).await.last().unwrap(),
+        &Bytes::from_static(b"new")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,10 @@ fn decode_meta(bytes: Option<&Bytes>) -> Result<Option<LogMeta>, StorageError> {
 }
 
 /// Take over `log` (RFC 0001, "Takeover"), retrying transient failures.
-pub(crate) async fn acquire(client: Arc<ClientInner>, log: LogId) -> Result<LogWriter, StorageError> {
+pub(crate) async fn acquire(
+    client: Arc<ClientInner>,
+    log: LogId,
+) -> Result<LogWriter, StorageError> {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0;
     loop {
@@ -216,7 +219,9 @@ async fn recover(
             None => {}
         }
         let Some((action, result)) = rx.recv().await else {
-            return Err(StorageError::Unavailable("recovery lost its replies".into()));
+            return Err(StorageError::Unavailable(
+                "recovery lost its replies".into(),
+            ));
         };
         let next = match action {
             RecoveryAction::Fence { member } => {
@@ -391,12 +396,10 @@ impl Core {
                 self.fence(&mut st, reason);
             }
             other => {
-                if let Err(e) = &other {
-                    tracing::debug!(log = %self.log, member, error = %e, "ensemble member failed");
-                }
                 st.quorum.on_member_down(member);
                 st.conns[member] = None;
                 if !st.reconnecting[member] {
+                    tracing::debug!(log = %self.log, member, answer = ?other, "ensemble member failed");
                     st.reconnecting[member] = true;
                     tokio::spawn(reconnect(Arc::downgrade(self), member));
                 }
@@ -594,14 +597,14 @@ impl LogWriter {
         want: usize,
     ) -> Result<Vec<(u64, Bytes)>, StorageError> {
         let mut last_err = None;
-        for node in &seg.ensemble {
+        for node in self.core.client.by_health(&seg.ensemble) {
             let req = Request::Read {
                 segment: seg.id.0,
                 from,
                 max_entries: want.min(u32::MAX as usize) as u32,
                 max_bytes: READ_MAX_BYTES,
             };
-            match self.core.client.node_request(*node, req).await {
+            match self.core.client.node_request(node, req).await {
                 Ok(Response::Entries { entries, .. }) => {
                     let run: Vec<_> = entries
                         .into_iter()

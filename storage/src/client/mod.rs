@@ -90,7 +90,11 @@ pub(crate) struct ClientInner {
     registry: Mutex<NodeRegistry>,
     // When each node last failed to answer; placement avoids recently failed nodes.
     failed: Mutex<HashMap<NodeId, Instant>>,
+    refreshed_at: Mutex<Option<Instant>>,
 }
+
+/// The registry is re-read at most this often when looking for a moved node.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A node that failed this recently is not chosen for new ensembles if others exist.
 const FAILED_MEMORY: Duration = Duration::from_secs(10);
@@ -111,6 +115,7 @@ impl StorageClient {
                 data,
                 registry: Mutex::new(NodeRegistry::default()),
                 failed: Mutex::new(HashMap::new()),
+                refreshed_at: Mutex::new(None),
             }),
         };
         client.inner.refresh_registry().await?;
@@ -168,7 +173,25 @@ impl ClientInner {
             None => NodeRegistry::default(),
         };
         *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg.clone();
+        *self.refreshed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Ok(reg)
+    }
+
+    /// The registry, re-read only if the cached copy is older than [`REFRESH_INTERVAL`].
+    async fn registry_if_stale(&self) -> Result<NodeRegistry, StorageError> {
+        let fresh = self
+            .refreshed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL);
+        if fresh {
+            return Ok(self
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone());
+        }
+        self.refresh_registry().await
     }
 
     fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {
@@ -187,9 +210,22 @@ impl ClientInner {
             .insert(node, Instant::now());
     }
 
+    /// `nodes` with the ones that failed recently moved to the end, so reads try healthy
+    /// replicas first.
+    fn by_health(&self, nodes: &[NodeId]) -> Vec<NodeId> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = nodes.to_vec();
+        v.sort_by_key(|n| failed.get(n).is_some_and(|t| t.elapsed() < FAILED_MEMORY));
+        v
+    }
+
     /// Placement candidates from the cached registry.
     fn candidates(&self) -> Vec<Candidate> {
-        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -198,9 +234,7 @@ impl ClientInner {
             .map(|(id, r)| Candidate {
                 id: *id,
                 zone: r.zone.clone(),
-                live: failed
-                    .get(id)
-                    .is_none_or(|t| t.elapsed() > FAILED_MEMORY),
+                live: failed.get(id).is_none_or(|t| t.elapsed() > FAILED_MEMORY),
             })
             .collect()
     }
@@ -215,7 +249,7 @@ impl ClientInner {
                 Err(e) => tracing::debug!(%node, error = %e, "storage node unreachable"),
             }
         }
-        let fresh = self.refresh_registry().await?;
+        let fresh = self.registry_if_stale().await?;
         let result = match fresh.nodes.get(&node) {
             Some(r) if Some(r.data_addr) != first || first.is_none() => {
                 self.data.conn(r.data_addr).await

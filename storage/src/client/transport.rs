@@ -25,7 +25,10 @@ pub enum ReplyTo {
     /// A single waiting caller.
     Once(oneshot::Sender<Result<Response, StorageError>>),
     /// A driver's reply queue, with the driver's tag for the request.
-    Queue(mpsc::UnboundedSender<(u64, Result<Response, StorageError>)>, u64),
+    Queue(
+        mpsc::UnboundedSender<(u64, Result<Response, StorageError>)>,
+        u64,
+    ),
 }
 
 impl ReplyTo {
@@ -90,8 +93,12 @@ impl Conn {
         self.submit(req, ReplyTo::Once(tx));
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(StorageError::Unavailable("storage connection closed".into())),
-            Err(_) => Err(StorageError::Unavailable("storage request timed out".into())),
+            Ok(Err(_)) => Err(StorageError::Unavailable(
+                "storage connection closed".into(),
+            )),
+            Err(_) => Err(StorageError::Unavailable(
+                "storage request timed out".into(),
+            )),
         }
     }
 
@@ -196,8 +203,18 @@ impl Conn {
 /// Connections to every storage node this client talks to.
 pub struct DataClient {
     endpoint: quinn::Endpoint,
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>>>,
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
 }
+
+#[derive(Default)]
+struct Slot {
+    conn: Option<Arc<Conn>>,
+    // A failed connect is not retried for FAIL_FAST, so callers that fall back to another
+    // replica do not each wait out a connect timeout on a dead node.
+    failed_at: Option<std::time::Instant>,
+}
+
+const FAIL_FAST: Duration = Duration::from_millis(500);
 
 impl DataClient {
     /// A client endpoint presenting this node's certificate.
@@ -218,14 +235,29 @@ impl DataClient {
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
+        if let Some(c) = slot.conn.as_ref()
             && !c.is_closed()
         {
             return Ok(c.clone());
         }
-        let c = Arc::new(Conn::open(&self.endpoint, addr).await?);
-        *slot = Some(c.clone());
-        Ok(c)
+        if slot.failed_at.is_some_and(|t| t.elapsed() < FAIL_FAST) {
+            return Err(StorageError::Unavailable(format!(
+                "storage node {addr} recently unreachable"
+            )));
+        }
+        match Conn::open(&self.endpoint, addr).await {
+            Ok(c) => {
+                let c = Arc::new(c);
+                slot.conn = Some(c.clone());
+                slot.failed_at = None;
+                Ok(c)
+            }
+            Err(e) => {
+                slot.conn = None;
+                slot.failed_at = Some(std::time::Instant::now());
+                Err(e)
+            }
+        }
     }
 
     /// One request to `addr`, waiting for the answer.

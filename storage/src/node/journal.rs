@@ -161,10 +161,7 @@ fn decode_body(mut b: Bytes) -> Option<Record> {
 
 /// Read records from `reader` in order, calling `apply(offset_of_record, record)`, until the
 /// end or the first torn or corrupt record. Returns the length of the valid prefix.
-pub fn replay(
-    reader: &mut impl Read,
-    mut apply: impl FnMut(u64, Record),
-) -> std::io::Result<u64> {
+pub fn replay(reader: &mut impl Read, mut apply: impl FnMut(u64, Record)) -> std::io::Result<u64> {
     let mut offset = 0u64;
     let mut header = [0u8; HEADER];
     loop {

@@ -77,16 +77,24 @@ pub async fn run_with_control_listener(
     let acceptor = Arc::new(registers::AcceptorStore::open(&config.data_dir)?);
 
     let endpoint = crate::quic::server_endpoint(&config.tls, config.data_addr)?;
-    let data_addr = config
-        .advertise_data_addr
-        .unwrap_or(endpoint.local_addr()?);
+    let data_addr = config.advertise_data_addr.unwrap_or(endpoint.local_addr()?);
     let control_addr = config
         .advertise_control_addr
         .unwrap_or(listener.local_addr()?);
     let span = tracing::info_span!("storage", node = %node_id, name = %config.name);
-    serve(config, listener, node_id, store, acceptor, endpoint, data_addr, control_addr, shutdown)
-        .instrument(span)
-        .await
+    serve(
+        config,
+        listener,
+        node_id,
+        store,
+        acceptor,
+        endpoint,
+        data_addr,
+        control_addr,
+        shutdown,
+    )
+    .instrument(span)
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -109,9 +117,12 @@ async fn serve(
         .tls_config(crate::rpc::server_tls(&config.tls)?)
         .map_err(|e| StorageError::Invalid(format!("control-plane tls: {e}")))?
         .add_service(crate::rpc::RegistersService::new(acceptor))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let grpc_task = tokio::spawn(grpc);
 
     let record = NodeRecord {
@@ -122,8 +133,7 @@ async fn serve(
         generation: Generation(0),
     };
     let register_task = tokio::spawn(
-        register_self(config.seeds.clone(), config.tls.clone(), node_id, record)
-            .in_current_span(),
+        register_self(config.seeds.clone(), config.tls.clone(), node_id, record).in_current_span(),
     );
 
     shutdown.await;
@@ -132,7 +142,15 @@ async fn serve(
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = stop_tx.send(());
     data_task.abort();
-    let _ = grpc_task.await;
+    // Graceful gRPC shutdown waits for clients to hang up; do not let one keep us alive.
+    let grpc_abort = grpc_task.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), grpc_task)
+        .await
+        .is_err()
+    {
+        tracing::debug!("control plane did not drain in time");
+        grpc_abort.abort();
+    }
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     endpoint.wait_idle().await;

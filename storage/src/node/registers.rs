@@ -112,7 +112,11 @@ impl AcceptorStore {
         };
         let mut buf = BytesMut::new();
         encode_record(key, &state, &mut buf);
-        if let Err(e) = inner.file.write_all(&buf).and_then(|()| inner.file.sync_data()) {
+        if let Err(e) = inner
+            .file
+            .write_all(&buf)
+            .and_then(|()| inner.file.sync_data())
+        {
             inner.poisoned = true;
             tracing::error!(error = %e, "register file write failed; refusing until restart");
             return Err(e.into());

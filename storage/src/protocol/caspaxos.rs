@@ -179,11 +179,22 @@ mod tests {
     #[test]
     fn tally_picks_the_highest_accepted_value_and_detects_loss() {
         let mut t = PhaseTally::new(3);
-        assert_eq!(t.promise(Some(b(1, 1)), Some(Bytes::from_static(b"old"))), Tally::Pending);
-        assert_eq!(t.promise(Some(b(4, 2)), Some(Bytes::from_static(b"new"))), Tally::Quorum);
+        assert_eq!(
+            t.promise(Some(b(1, 1)), Some(Bytes::from_static(b"old"))),
+            Tally::Pending
+        );
+        assert_eq!(
+            t.promise(Some(b(4, 2)), Some(Bytes::from_static(b"new"))),
+            Tally::Quorum
+        );
         assert_eq!(t.current_value(), Some(Bytes::from_static(b"new")));
         let mut t = PhaseTally::new(3);
         t.refused(Some(b(7, 3)));
-        assert_eq!(t.failed(), Tally::Lost { outbid: Some(b(7, 3)) });
+        assert_eq!(
+            t.failed(),
+            Tally::Lost {
+                outbid: Some(b(7, 3))
+            }
+        );
     }
 }

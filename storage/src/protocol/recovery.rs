@@ -86,13 +86,16 @@ enum Phase {
     Done(Result<u64, RecoveryFailure>),
 }
 
+/// A fenced member's (last entry, last-add-confirmed, sealed end).
+type TailState = (Option<u64>, Option<u64>, Option<u64>);
+
 /// The recovery of one segment.
 #[derive(Debug)]
 pub struct Recovery {
     members: usize,
     ack_quorum: usize,
     // Fence answers by member; `Some` means that member is fenced at our epoch.
-    fenced: Vec<Option<(Option<u64>, Option<u64>, Option<u64>)>>,
+    fenced: Vec<Option<TailState>>,
     failed: Vec<bool>,
     // Highest entry any fenced member holds; nothing above it can have been acknowledged.
     last: Option<u64>,
@@ -200,8 +203,7 @@ impl Recovery {
     }
 
     fn note_answered(&mut self, member: usize) {
-        if let Phase::Reading { answered, .. } | Phase::Writing { answered, .. } = &mut self.phase
-        {
+        if let Phase::Reading { answered, .. } | Phase::Writing { answered, .. } = &mut self.phase {
             *answered |= 1 << member;
         }
     }
@@ -216,7 +218,12 @@ impl Recovery {
     }
 
     /// Feed a read answer from `member` for `entry`.
-    pub fn on_read(&mut self, member: usize, entry: u64, answer: EntryAnswer) -> Vec<RecoveryAction> {
+    pub fn on_read(
+        &mut self,
+        member: usize,
+        entry: u64,
+        answer: EntryAnswer,
+    ) -> Vec<RecoveryAction> {
         let Phase::Reading {
             entry: want,
             answered,

@@ -8,10 +8,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warren_common::config::{Replication, TlsPaths};
 use warren_common::{NodeId, Zone};
+use warren_storage::StorageError;
 use warren_storage::client::{StorageClient, StorageClientConfig};
 use warren_storage::config::StorageNodeConfig;
 use warren_storage::meta::{self, NODES_KEY, NodeRegistry};
-use warren_storage::StorageError;
 
 pub struct Node {
     pub config: StorageNodeConfig,
@@ -97,8 +97,8 @@ impl Cluster {
 
     /// Wait until `n` nodes with a generation of at least `min_generation` are registered.
     pub async fn wait_registered_gen(&self, n: usize, min_generation: u64) {
-        let regs = warren_storage::client::Registers::connect(&self.seeds, &self.client_tls)
-            .unwrap();
+        let regs =
+            warren_storage::client::Registers::connect(&self.seeds, &self.client_tls).unwrap();
         for _ in 0..600 {
             if let Ok(Some(b)) = regs.get(NODES_KEY).await {
                 let reg: NodeRegistry = meta::decode(&b).unwrap();
