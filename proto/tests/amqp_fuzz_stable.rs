@@ -119,6 +119,22 @@ fn random_frames(rng: &mut Rng) -> Vec<u8> {
     out
 }
 
+/// With `WARREN_FUZZ_SEED_DIR` set, writes the seeds (with a control octet) there, to start
+/// the real fuzzer's corpus: `WARREN_FUZZ_SEED_DIR=$PWD/proto/fuzz/corpus/frame_decoder
+/// cargo test -p warren-proto --test amqp_fuzz_stable`.
+#[test]
+fn write_seed_corpus_when_asked() {
+    let Some(dir) = std::env::var_os("WARREN_FUZZ_SEED_DIR") else {
+        return;
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, seed) in seeds().iter().enumerate() {
+        let control = if seed.starts_with(b"AMQP") { 6u8 } else { 2 };
+        let path = std::path::Path::new(&dir).join(format!("seed-{i:03}"));
+        std::fs::write(path, [&[control][..], seed].concat()).unwrap();
+    }
+}
+
 #[test]
 fn fuzz_target_holds_on_seeded_inputs() {
     let mut rng = Rng(0x5EED_0002);
