@@ -18,9 +18,35 @@ pub struct Message {
     pub body: Bytes,
     /// delivery_mode == 2.
     pub persistent: bool,
+    /// The priority property.
+    pub priority: Option<u8>,
+    /// The expiration property, in milliseconds, if it is a valid number.
+    pub expiration_ms: Option<u64>,
 }
 
 impl Message {
+    /// A message whose derived fields come from its decoded properties.
+    pub fn new(
+        exchange: String,
+        routing_key: String,
+        properties_raw: Bytes,
+        props: &BasicProperties,
+        body: Bytes,
+    ) -> Self {
+        Message {
+            exchange,
+            routing_key,
+            properties_raw,
+            body,
+            persistent: *props.delivery_mode() == Some(2),
+            priority: *props.priority(),
+            expiration_ms: props
+                .expiration()
+                .as_ref()
+                .and_then(|e| e.as_str().parse().ok()),
+        }
+    }
+
     /// Decode the properties (for headers-exchange routing and tests).
     pub fn properties(&self) -> Option<BasicProperties> {
         parse_properties(&self.properties_raw)

@@ -13,11 +13,16 @@ use warren_storage::client::StorageClient;
 
 use crate::config::ComputeConfig;
 use crate::error::AmqpError;
+use crate::message::{Message, encode_properties};
 use crate::meta::Meta;
+use crate::queue::QueueCmd;
+use crate::queue::engine::{DeadReason, Entry, QueuePolicy};
 use crate::queue::log::{DurableLog, MemoryLog};
 use crate::queue::owner::{self, ExitReason};
 use crate::queue::{QueueEngine, QueueHandle};
+use crate::routing;
 use crate::topology::{QueueDef, Topology};
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable};
 
 /// Who owns a queue's log: written to the metadata store before the owner serves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,7 +119,17 @@ impl Node {
                 node.owner_exited(id, vh, qname, log_id, reason);
             }
         });
-        let parts = (id, vhost.to_string(), def.name.clone(), def.durable);
+        let policy = QueuePolicy::from_args(&def.arguments);
+        let dead_letter = self.dead_letter_fn(vhost, def);
+        let config = owner::OwnerConfig {
+            id,
+            vhost: vhost.to_string(),
+            name: def.name.clone(),
+            durable: def.durable,
+            auto_delete: def.auto_delete,
+            on_exit,
+            dead_letter,
+        };
         let handle = match (&self.storage, def.durable && !def.exclusive) {
             (Some(storage), true) => {
                 let writer = storage.acquire_log(def.log_id).await?;
@@ -123,18 +138,12 @@ impl Node {
                 let mut log = DurableLog::new(writer);
                 let records = crate::queue::log::QueueLog::replay(&mut log).await?;
                 let n = records.len();
-                let engine = owner::replay(records)
+                let engine = owner::replay(records, policy)
                     .map_err(|e| AmqpError::internal(format!("queue log unreadable: {e}")))?;
                 info!(queue = %def.name, vhost, %epoch, records = n, ready = engine.ready_count(), "queue owner started");
-                owner::spawn(engine, log, parts, def.auto_delete, on_exit)
+                owner::spawn(engine, log, config)
             }
-            _ => owner::spawn(
-                QueueEngine::new(),
-                MemoryLog,
-                parts,
-                def.auto_delete,
-                on_exit,
-            ),
+            _ => owner::spawn(QueueEngine::with_policy(policy), MemoryLog, config),
         };
         let mut map = match self.queues.lock() {
             Ok(m) => m,
@@ -142,6 +151,89 @@ impl Node {
         };
         map.insert(key, handle.clone());
         Ok(handle)
+    }
+
+    fn dead_letter_fn(&self, vhost: &str, def: &QueueDef) -> Option<owner::DeadLetterFn> {
+        let dlx = match def.arguments.inner().get("x-dead-letter-exchange")? {
+            AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            AMQPValue::ShortString(s) => s.to_string(),
+            _ => return None,
+        };
+        let dlrk = match def.arguments.inner().get("x-dead-letter-routing-key") {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+            _ => None,
+        };
+        let this = self.this.clone();
+        let vhost = vhost.to_string();
+        let queue = def.name.clone();
+        Some(Arc::new(move |dead| {
+            let Some(node) = this.upgrade() else {
+                return;
+            };
+            let (vhost, queue, dlx, dlrk) =
+                (vhost.clone(), queue.clone(), dlx.clone(), dlrk.clone());
+            tokio::spawn(async move {
+                node.dead_letter(&vhost, &queue, &dlx, dlrk.as_deref(), dead)
+                    .await;
+            });
+        }))
+    }
+
+    /// Republish removed messages to a dead-letter exchange with RabbitMQ's `x-death`
+    /// headers.
+    async fn dead_letter(
+        &self,
+        vhost: &str,
+        queue: &str,
+        dlx: &str,
+        dlrk: Option<&str>,
+        dead: Vec<(Entry, DeadReason)>,
+    ) {
+        let Some(topo) = self.topology.snapshot(vhost) else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut targets = Vec::new();
+        for (entry, reason) in dead {
+            let msg = dead_lettered(&entry.msg, queue, reason, dlx, dlrk, now);
+            targets.clear();
+            if dlx.is_empty() {
+                if topo.queues.contains_key(&msg.routing_key) {
+                    targets.push(msg.routing_key.clone());
+                }
+            } else if let Some(x) = topo.exchanges.get(dlx) {
+                let headers = msg.headers();
+                routing::route(
+                    &topo.exchanges,
+                    x,
+                    &msg.routing_key,
+                    headers.as_ref(),
+                    &mut targets,
+                );
+            }
+            let msg = Arc::new(msg);
+            for name in &targets {
+                let Some(def) = topo.queues.get(name) else {
+                    continue;
+                };
+                match self.queue(vhost, def).await {
+                    Ok(q) => {
+                        q.send(QueueCmd::Publish {
+                            msg: msg.clone(),
+                            confirm: None,
+                        })
+                        .await;
+                    }
+                    Err(e) => warn!(queue = %name, error = %e, "dead-lettering failed"),
+                }
+            }
+        }
     }
 
     /// Record this node as the queue's owner at `epoch` (epochs only move forward).
@@ -225,4 +317,126 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// A copy of `msg` as RabbitMQ dead-letters it: an `x-death` entry for (queue, reason)
+/// counted and moved to the front, `x-first-death-*` set once, the expiration moved to
+/// `original-expiration`, and the dead-letter routing key applied.
+fn dead_lettered(
+    msg: &Message,
+    queue: &str,
+    reason: DeadReason,
+    dlx: &str,
+    dlrk: Option<&str>,
+    now_secs: u64,
+) -> Message {
+    let mut props = msg.properties().unwrap_or_default();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = |t: &FieldTable| {
+        t.inner().get("queue") == Some(&s(queue))
+            && t.inner().get("reason") == Some(&s(reason.as_str()))
+    };
+    let mut entry = None;
+    if let Some(i) = deaths
+        .iter()
+        .position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)))
+        && let AMQPValue::FieldTable(mut t) = deaths.remove(i)
+    {
+        let count = match t.inner().get("count") {
+            Some(AMQPValue::LongLongInt(n)) => *n,
+            _ => 0,
+        };
+        t.insert("count".into(), AMQPValue::LongLongInt(count + 1));
+        t.insert("time".into(), AMQPValue::Timestamp(now_secs));
+        entry = Some(t);
+    }
+    let entry = entry.unwrap_or_else(|| {
+        let mut t = FieldTable::default();
+        t.insert("count".into(), AMQPValue::LongLongInt(1));
+        t.insert("reason".into(), s(reason.as_str()));
+        t.insert("queue".into(), s(queue));
+        t.insert("time".into(), AMQPValue::Timestamp(now_secs));
+        t.insert("exchange".into(), s(&msg.exchange));
+        let mut keys = FieldArray::default();
+        keys.push(s(&msg.routing_key));
+        t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+        if let Some(exp) = props.expiration() {
+            t.insert("original-expiration".into(), s(exp.as_str()));
+        }
+        t
+    });
+    deaths.insert(0, AMQPValue::FieldTable(entry));
+    let mut arr = FieldArray::default();
+    for d in deaths {
+        arr.push(d);
+    }
+    headers.insert("x-death".into(), AMQPValue::FieldArray(arr));
+    for (k, v) in [
+        ("x-first-death-exchange", s(&msg.exchange)),
+        ("x-first-death-queue", s(queue)),
+        ("x-first-death-reason", s(reason.as_str())),
+    ] {
+        if !headers.contains_key(k) {
+            headers.insert(k.into(), v);
+        }
+    }
+    headers.insert("x-last-death-exchange".into(), s(&msg.exchange));
+    headers.insert("x-last-death-queue".into(), s(queue));
+    headers.insert("x-last-death-reason".into(), s(reason.as_str()));
+    props = props.with_headers(headers);
+    let mut props_no_exp = amq_protocol::protocol::BasicProperties::default();
+    // Rebuild without the expiration, which moved into x-death.
+    if let Some(v) = props.content_type() {
+        props_no_exp = props_no_exp.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        props_no_exp = props_no_exp.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        props_no_exp = props_no_exp.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        props_no_exp = props_no_exp.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        props_no_exp = props_no_exp.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        props_no_exp = props_no_exp.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        props_no_exp = props_no_exp.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        props_no_exp = props_no_exp.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        props_no_exp = props_no_exp.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        props_no_exp = props_no_exp.with_type(v.clone());
+    }
+    if let Some(v) = props.user_id() {
+        props_no_exp = props_no_exp.with_user_id(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        props_no_exp = props_no_exp.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        props_no_exp = props_no_exp.with_cluster_id(v.clone());
+    }
+    let routing_key = dlrk.unwrap_or(&msg.routing_key).to_string();
+    let _ = dlx;
+    Message::new(
+        msg.exchange.clone(),
+        routing_key,
+        encode_properties(&props_no_exp),
+        &props_no_exp,
+        msg.body.clone(),
+    )
 }

@@ -737,3 +737,164 @@ async fn server_properties_look_like_rabbitmq() {
     }
     assert!(get("warren_version").is_some());
 }
+
+fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+async fn drain(ch: &Channel, q: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(b) = get_body(ch, q).await {
+        out.push(b);
+    }
+    out
+}
+
+#[tokio::test]
+async fn queue_arguments_ttl_priority_max_length_and_dead_lettering() {
+    let broker = Broker::start().await;
+    let conn = connect(&broker.url()).await;
+    let ch = channel(&conn).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    // Rejected messages go to the dead-letter exchange with an x-death entry.
+    declare(&ch, "dlq").await;
+    ch.queue_declare(
+        "work".into(),
+        QueueDeclareOptions::default(),
+        table(&[
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("dlq".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"poison",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let m = ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let mut dead = None;
+    for _ in 0..200 {
+        if let Some(m) = ch
+            .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            dead = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dead = dead.expect("dead-lettered message");
+    assert_eq!(dead.delivery.data, b"poison");
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death: {headers:?}");
+    };
+    let AMQPValue::FieldTable(death) = &deaths.as_slice()[0] else {
+        panic!("x-death entry is not a table");
+    };
+    assert_eq!(
+        death.inner().get("reason"),
+        Some(&AMQPValue::LongString("rejected".into()))
+    );
+    assert_eq!(
+        death.inner().get("queue"),
+        Some(&AMQPValue::LongString("work".into()))
+    );
+
+    // A per-message expiration of 0 drops a message nobody waits for.
+    declare(&ch, "exp").await;
+    ch.basic_publish(
+        "".into(),
+        "exp".into(),
+        BasicPublishOptions::default(),
+        b"expired",
+        BasicProperties::default().with_expiration("0".into()),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "", "exp", b"kept").await;
+    ch.wait_for_confirms().await.unwrap();
+    assert_eq!(drain(&ch, "exp").await, vec![b"kept".to_vec()]);
+
+    // Priorities above x-max-priority count as the maximum; equal ones keep FIFO order.
+    ch.queue_declare(
+        "prio".into(),
+        QueueDeclareOptions::default(),
+        table(&[("x-max-priority", AMQPValue::LongInt(10))]),
+    )
+    .await
+    .unwrap();
+    for (body, p) in [
+        ("low", Some(1)),
+        ("none", None),
+        ("high", Some(9)),
+        ("mid", Some(5)),
+        ("high2", Some(9)),
+        ("over", Some(200)),
+    ] {
+        let mut props = BasicProperties::default();
+        if let Some(p) = p {
+            props = props.with_priority(p);
+        }
+        ch.basic_publish(
+            "".into(),
+            "prio".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let got: Vec<String> = drain(&ch, "prio")
+        .await
+        .into_iter()
+        .map(|b| String::from_utf8(b).unwrap())
+        .collect();
+    assert_eq!(got, vec!["over", "high", "high2", "mid", "low", "none"]);
+
+    // x-max-length drops from the head.
+    ch.queue_declare(
+        "short".into(),
+        QueueDeclareOptions::default(),
+        table(&[("x-max-length", AMQPValue::LongInt(2))]),
+    )
+    .await
+    .unwrap();
+    for i in 0..5 {
+        publish(&ch, "", "short", format!("{i}").as_bytes()).await;
+    }
+    ch.wait_for_confirms().await.unwrap();
+    assert_eq!(
+        drain(&ch, "short").await,
+        vec![b"3".to_vec(), b"4".to_vec()]
+    );
+}

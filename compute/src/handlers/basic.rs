@@ -300,7 +300,6 @@ impl Conn {
                 self.user_name()
             )));
         }
-        let persistent = *props.delivery_mode() == Some(2);
         let topo = self.refresh_topology().clone();
         let mut targets = std::mem::take(&mut self.route_buf);
         targets.clear();
@@ -345,13 +344,13 @@ impl Conn {
             [one] => Bytes::copy_from_slice(one),
             _ => body.to_bytes(),
         };
-        let msg = Arc::new(Message {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
+        let msg = Arc::new(Message::new(
+            exchange.to_string(),
+            routing_key.to_string(),
             properties_raw,
+            props,
             body,
-            persistent,
-        });
+        ));
         if targets.is_empty() && p.mandatory {
             self.reply(
                 id,

@@ -117,6 +117,75 @@ pub struct Entry {
     pub redelivered: bool,
     /// Written to the durable log (so its settlement must be logged too).
     pub durable: bool,
+    /// When it expires (milliseconds on the owner's clock), from queue or message TTL.
+    pub expires_at: Option<u64>,
+    /// Position among priorities: 0 is served first.
+    pub rank: u8,
+}
+
+/// Why a message left a queue other than by ack: RabbitMQ's dead-letter reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadReason {
+    /// basic.reject or basic.nack with requeue=false.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// Dropped from the head by x-max-length / x-max-length-bytes.
+    MaxLen,
+}
+
+impl DeadReason {
+    /// The `reason` value of an `x-death` entry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Expired => "expired",
+            DeadReason::MaxLen => "maxlen",
+        }
+    }
+}
+
+/// The queue arguments the engine enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// `x-max-length`: ready messages kept; the oldest are dropped beyond it.
+    pub max_length: Option<usize>,
+    /// `x-max-length-bytes`: ready body bytes kept.
+    pub max_length_bytes: Option<u64>,
+    /// `x-message-ttl` in milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `x-max-priority`.
+    pub max_priority: Option<u8>,
+    /// `x-dead-letter-exchange` is set: removed messages must be reported.
+    pub dead_letter: bool,
+}
+
+impl QueuePolicy {
+    /// Read the arguments of queue.declare.
+    pub fn from_args(args: &amq_protocol::types::FieldTable) -> Self {
+        use amq_protocol::types::AMQPValue;
+        let int = |k: &str| -> Option<i64> {
+            Some(match args.inner().get(k)? {
+                AMQPValue::ShortShortInt(n) => i64::from(*n),
+                AMQPValue::ShortShortUInt(n) => i64::from(*n),
+                AMQPValue::ShortInt(n) => i64::from(*n),
+                AMQPValue::ShortUInt(n) => i64::from(*n),
+                AMQPValue::LongInt(n) => i64::from(*n),
+                AMQPValue::LongUInt(n) => i64::from(*n),
+                AMQPValue::LongLongInt(n) => *n,
+                _ => return None,
+            })
+        };
+        QueuePolicy {
+            max_length: int("x-max-length").and_then(|n| usize::try_from(n).ok()),
+            max_length_bytes: int("x-max-length-bytes").and_then(|n| u64::try_from(n).ok()),
+            message_ttl: int("x-message-ttl").and_then(|n| u64::try_from(n).ok()),
+            max_priority: int("x-max-priority")
+                .and_then(|n| u8::try_from(n.clamp(0, 255)).ok())
+                .filter(|p| *p > 0),
+            dead_letter: args.inner().contains_key("x-dead-letter-exchange"),
+        }
+    }
 }
 
 /// A delivery the owner must send to a consumer.
@@ -185,12 +254,91 @@ pub struct QueueEngine {
     exclusive_consumer: bool,
     had_consumer: bool,
     settled: Vec<Seq>,
+    policy: QueuePolicy,
+    ready_bytes: u64,
+    dead: Vec<(Entry, DeadReason)>,
 }
 
 impl QueueEngine {
-    /// An empty queue.
+    /// An empty queue without limits.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty queue enforcing `policy`.
+    pub fn with_policy(policy: QueuePolicy) -> Self {
+        QueueEngine {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// The enforced arguments.
+    pub fn policy(&self) -> &QueuePolicy {
+        &self.policy
+    }
+
+    /// Messages removed by reject, TTL or length limit since the last call, for
+    /// dead-lettering (only collected when the queue has a dead-letter exchange).
+    pub fn take_dead(&mut self) -> Vec<(Entry, DeadReason)> {
+        std::mem::take(&mut self.dead)
+    }
+
+    fn rank_of(&self, msg: &Message) -> u8 {
+        match self.policy.max_priority {
+            None => 0,
+            Some(max) => max - msg.priority.unwrap_or(0).min(max),
+        }
+    }
+
+    fn pop_ready(&mut self) -> Option<Entry> {
+        let e = self.ready.pop_front()?;
+        self.ready_bytes = self.ready_bytes.saturating_sub(e.msg.body.len() as u64);
+        Some(e)
+    }
+
+    fn remove_dead(&mut self, entry: Entry, reason: DeadReason) {
+        if entry.durable {
+            self.settled.push(entry.seq);
+        }
+        if self.policy.dead_letter {
+            self.dead.push((entry, reason));
+        }
+    }
+
+    /// Drop expired messages from the head (RabbitMQ expires at the head only).
+    pub fn expire(&mut self, now: u64) {
+        while self
+            .ready
+            .front()
+            .is_some_and(|e| e.expires_at.is_some_and(|t| now >= t))
+        {
+            if let Some(e) = self.pop_ready() {
+                self.remove_dead(e, DeadReason::Expired);
+            }
+        }
+    }
+
+    /// When the head message expires, if it does.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.ready.front().and_then(|e| e.expires_at)
+    }
+
+    fn enforce_length(&mut self) {
+        loop {
+            let over_count = self.policy.max_length.is_some_and(|m| self.ready.len() > m);
+            let over_bytes = self
+                .policy
+                .max_length_bytes
+                .is_some_and(|m| self.ready_bytes > m);
+            if !(over_count || over_bytes) {
+                break;
+            }
+            match self.pop_ready() {
+                Some(e) => self.remove_dead(e, DeadReason::MaxLen),
+                None => break,
+            }
+        }
     }
 
     /// Ready messages (what queue.declare-ok and basic.get-ok report).
@@ -218,32 +366,45 @@ impl QueueEngine {
         std::mem::take(&mut self.settled)
     }
 
-    /// Add a message at the tail; returns its position.
-    pub fn enqueue(&mut self, msg: Arc<Message>, durable: bool) -> Seq {
+    /// Add a message at the tail (of its priority); returns its position. `now` is the
+    /// owner's clock in milliseconds, for TTLs.
+    pub fn enqueue(&mut self, msg: Arc<Message>, durable: bool, now: u64) -> Seq {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.ready.push_back(Entry {
+        let ttl = match (self.policy.message_ttl, msg.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let rank = self.rank_of(&msg);
+        self.insert_ready(Entry {
             seq,
             msg,
             redelivered: false,
             durable,
+            expires_at: ttl.map(|t| now.saturating_add(t)),
+            rank,
         });
+        self.enforce_length();
         seq
     }
 
     /// Put back a message recovered from the log (replay), keeping its position.
-    pub fn restore(&mut self, entry: Entry) {
+    pub fn restore(&mut self, mut entry: Entry) {
         self.next_seq = self.next_seq.max(entry.seq + 1);
+        entry.rank = self.rank_of(&entry.msg);
         self.insert_ready(entry);
     }
 
     /// Drop a restored message that the log says was settled.
     pub fn forget(&mut self, seq: Seq) -> bool {
-        if let Ok(i) = self.ready.binary_search_by_key(&seq, |e| e.seq) {
-            self.ready.remove(i);
-            true
-        } else {
-            false
+        match self.ready.iter().position(|e| e.seq == seq) {
+            Some(i) => {
+                if let Some(e) = self.ready.remove(i) {
+                    self.ready_bytes = self.ready_bytes.saturating_sub(e.msg.body.len() as u64);
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -258,12 +419,15 @@ impl QueueEngine {
     }
 
     fn insert_ready(&mut self, entry: Entry) {
-        // Requeued messages go back to their original place, as in RabbitMQ.
+        self.ready_bytes += entry.msg.body.len() as u64;
+        // Ordered by priority, then position: requeued messages go back to their original
+        // place, as in RabbitMQ.
+        let key = (entry.rank, entry.seq);
         match self.ready.back() {
             None => self.ready.push_back(entry),
-            Some(b) if b.seq < entry.seq => self.ready.push_back(entry),
+            Some(b) if (b.rank, b.seq) < key => self.ready.push_back(entry),
             _ => {
-                let i = self.ready.partition_point(|e| e.seq < entry.seq);
+                let i = self.ready.partition_point(|e| (e.rank, e.seq) < key);
                 self.ready.insert(i, entry);
             }
         }
@@ -317,7 +481,7 @@ impl QueueEngine {
             let Some(cid) = self.pick_consumer() else {
                 break;
             };
-            let Some(entry) = self.ready.pop_front() else {
+            let Some(entry) = self.pop_ready() else {
                 break;
             };
             let Some(c) = self.consumers.get(&cid) else {
@@ -368,8 +532,9 @@ impl QueueEngine {
     }
 
     /// basic.get: the head message, and how many remain ready after it.
-    pub fn get(&mut self, channel: ChannelKey, no_ack: bool) -> Option<(Entry, u32)> {
-        let entry = self.ready.pop_front()?;
+    pub fn get(&mut self, channel: ChannelKey, no_ack: bool, now: u64) -> Option<(Entry, u32)> {
+        self.expire(now);
+        let entry = self.pop_ready()?;
         if no_ack {
             if entry.durable {
                 self.settled.push(entry.seq);
@@ -412,6 +577,15 @@ impl QueueEngine {
         }
     }
 
+    /// Drop deliveries (reject/nack without requeue), dead-lettering them if configured.
+    pub fn reject(&mut self, channel: ChannelKey, seqs: &[Seq]) {
+        for &seq in seqs {
+            if let Some(u) = self.take_unacked(channel, seq) {
+                self.remove_dead(u.entry, DeadReason::Rejected);
+            }
+        }
+    }
+
     /// Return deliveries to the ready list, marked redelivered.
     pub fn requeue(&mut self, channel: ChannelKey, seqs: &[Seq]) {
         for &seq in seqs {
@@ -447,6 +621,7 @@ impl QueueEngine {
     /// queue.purge: drop every ready message; returns how many.
     pub fn purge(&mut self) -> u32 {
         let n = self.ready_count();
+        self.ready_bytes = 0;
         for e in self.ready.drain(..) {
             if e.durable {
                 self.settled.push(e.seq);
@@ -470,16 +645,21 @@ impl QueueEngine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use amq_protocol::protocol::BasicProperties;
     use bytes::Bytes;
 
     fn msg(body: &str) -> Arc<Message> {
-        Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties_raw: Bytes::from_static(&[0, 0]),
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            persistent: false,
-        })
+        msg_with(body, BasicProperties::default())
+    }
+
+    fn msg_with(body: &str, props: BasicProperties) -> Arc<Message> {
+        Arc::new(Message::new(
+            String::new(),
+            "q".into(),
+            crate::message::encode_properties(&props),
+            &props,
+            Bytes::copy_from_slice(body.as_bytes()),
+        ))
     }
 
     fn ch(n: u16) -> ChannelKey {
@@ -515,7 +695,7 @@ mod tests {
         q.add_consumer(consumer(1, ch(1), 0)).unwrap();
         q.add_consumer(consumer(2, ch(1), 0)).unwrap();
         for i in 0..4 {
-            q.enqueue(msg(&i.to_string()), false);
+            q.enqueue(msg(&i.to_string()), false, 0);
         }
         let mut out = Vec::new();
         q.dispatch(&mut out);
@@ -544,7 +724,7 @@ mod tests {
             spec.limiter = Some(limiter.clone());
             q.add_consumer(spec).unwrap();
             for j in 0..n {
-                q.enqueue(msg(&j.to_string()), false);
+                q.enqueue(msg(&j.to_string()), false, 0);
             }
             let mut out = Vec::new();
             q.dispatch(&mut out);
@@ -569,7 +749,7 @@ mod tests {
             spec.limiter = Some(limiter.clone());
             q.add_consumer(spec).unwrap();
             for j in 0..5 {
-                q.enqueue(msg(&j.to_string()), false);
+                q.enqueue(msg(&j.to_string()), false, 0);
             }
         }
         let mut out = Vec::new();
@@ -583,16 +763,16 @@ mod tests {
     fn requeue_marks_redelivered_and_keeps_order() {
         let mut q = QueueEngine::new();
         for j in 0..3 {
-            q.enqueue(msg(&j.to_string()), false);
+            q.enqueue(msg(&j.to_string()), false, 0);
         }
-        let (e0, _) = q.get(ch(1), false).unwrap();
-        let (e1, left) = q.get(ch(1), false).unwrap();
+        let (e0, _) = q.get(ch(1), false, 0).unwrap();
+        let (e1, left) = q.get(ch(1), false, 0).unwrap();
         assert_eq!(left, 1);
         q.requeue(ch(1), &[e1.seq]);
         q.requeue(ch(1), &[e0.seq]);
         let got: Vec<(String, bool)> = (0..3)
             .map(|_| {
-                let (e, _) = q.get(ch(1), true).unwrap();
+                let (e, _) = q.get(ch(1), true, 0).unwrap();
                 (
                     String::from_utf8(e.msg.body.to_vec()).unwrap(),
                     e.redelivered,
@@ -603,14 +783,14 @@ mod tests {
             got,
             vec![("0".into(), true), ("1".into(), true), ("2".into(), false)]
         );
-        assert!(q.get(ch(1), true).is_none());
+        assert!(q.get(ch(1), true, 0).is_none());
     }
 
     #[test]
     fn acks_from_another_channel_are_ignored() {
         let mut q = QueueEngine::new();
-        q.enqueue(msg("a"), true);
-        let (e, _) = q.get(ch(1), false).unwrap();
+        q.enqueue(msg("a"), true, 0);
+        let (e, _) = q.get(ch(1), false, 0).unwrap();
         q.ack(ch(2), &[e.seq]);
         assert_eq!(q.unacked_count(), 1);
         q.ack(ch(1), &[e.seq]);
@@ -622,7 +802,7 @@ mod tests {
     fn channel_close_requeues_and_drops_consumers() {
         let mut q = QueueEngine::new();
         q.add_consumer(consumer(1, ch(1), 0)).unwrap();
-        q.enqueue(msg("a"), false);
+        q.enqueue(msg("a"), false, 0);
         let mut out = Vec::new();
         q.dispatch(&mut out);
         assert_eq!(out.len(), 1);
@@ -661,7 +841,7 @@ mod tests {
         hi.priority = 10;
         q.add_consumer(hi).unwrap();
         for j in 0..3 {
-            q.enqueue(msg(&j.to_string()), false);
+            q.enqueue(msg(&j.to_string()), false, 0);
         }
         let mut out = Vec::new();
         q.dispatch(&mut out);
@@ -672,10 +852,10 @@ mod tests {
     #[test]
     fn purge_counts_ready_only_and_settles_durable() {
         let mut q = QueueEngine::new();
-        q.enqueue(msg("a"), true);
-        q.enqueue(msg("b"), false);
-        q.enqueue(msg("c"), true);
-        let (e, _) = q.get(ch(1), false).unwrap();
+        q.enqueue(msg("a"), true, 0);
+        q.enqueue(msg("b"), false, 0);
+        q.enqueue(msg("c"), true, 0);
+        let (e, _) = q.get(ch(1), false, 0).unwrap();
         assert_eq!(q.purge(), 2);
         assert_eq!(q.take_settled(), vec![2]);
         assert_eq!(q.lowest_live(), Some(e.seq));
@@ -688,12 +868,121 @@ mod tests {
         c.no_ack = true;
         q.add_consumer(c).unwrap();
         for j in 0..5 {
-            q.enqueue(msg(&j.to_string()), true);
+            q.enqueue(msg(&j.to_string()), true, 0);
         }
         let mut out = Vec::new();
         q.dispatch(&mut out);
         assert_eq!(out.len(), 5, "prefetch does not apply to no-ack consumers");
         assert_eq!(q.take_settled().len(), 5);
         assert_eq!(q.unacked_count(), 0);
+    }
+
+    fn drain(q: &mut QueueEngine, now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some((e, _)) = q.get(ch(9), true, now) {
+            out.push(String::from_utf8(e.msg.body.to_vec()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn priorities_order_ready_messages() {
+        let mut q = QueueEngine::with_policy(QueuePolicy {
+            max_priority: Some(10),
+            ..Default::default()
+        });
+        for (body, p) in [
+            ("low", Some(1)),
+            ("none", None),
+            ("high", Some(9)),
+            ("mid", Some(5)),
+            ("high2", Some(9)),
+            ("over", Some(200)),
+        ] {
+            let mut props = BasicProperties::default();
+            if let Some(p) = p {
+                props = props.with_priority(p);
+            }
+            q.enqueue(msg_with(body, props), false, 0);
+        }
+        assert_eq!(
+            drain(&mut q, 0),
+            vec!["over", "high", "high2", "mid", "low", "none"]
+        );
+    }
+
+    #[test]
+    fn max_length_drops_from_the_head_and_dead_letters() {
+        let mut q = QueueEngine::with_policy(QueuePolicy {
+            max_length: Some(2),
+            dead_letter: true,
+            ..Default::default()
+        });
+        for i in 0..5 {
+            q.enqueue(msg(&i.to_string()), false, 0);
+        }
+        let dead: Vec<DeadReason> = q.take_dead().into_iter().map(|(_, r)| r).collect();
+        assert_eq!(dead, vec![DeadReason::MaxLen; 3]);
+        assert_eq!(drain(&mut q, 0), vec!["3", "4"]);
+    }
+
+    #[test]
+    fn ttl_table() {
+        // (queue ttl, message expiration, now at get, still there)
+        let cases: &[(Option<u64>, Option<&str>, u64, bool)] = &[
+            (None, None, 1_000_000, true),
+            (Some(0), None, 0, false),
+            (None, Some("0"), 0, false),
+            (Some(100), None, 99, true),
+            (Some(100), None, 100, false),
+            (None, Some("50"), 49, true),
+            (Some(100), Some("10"), 20, false),
+            (Some(10), Some("100"), 20, false),
+            (None, Some("garbage"), 1_000, true),
+        ];
+        for (i, &(ttl, exp, now, kept)) in cases.iter().enumerate() {
+            let mut q = QueueEngine::with_policy(QueuePolicy {
+                message_ttl: ttl,
+                dead_letter: true,
+                ..Default::default()
+            });
+            let mut props = BasicProperties::default();
+            if let Some(e) = exp {
+                props = props.with_expiration(e.into());
+            }
+            q.enqueue(msg_with("m", props), false, 0);
+            assert_eq!(q.get(ch(1), true, now).is_some(), kept, "case {i}");
+            let expired = q.take_dead().len();
+            assert_eq!(expired, usize::from(!kept), "case {i}");
+        }
+    }
+
+    #[test]
+    fn zero_ttl_messages_reach_a_waiting_consumer() {
+        let mut q = QueueEngine::with_policy(QueuePolicy {
+            message_ttl: Some(0),
+            ..Default::default()
+        });
+        q.add_consumer(consumer(1, ch(1), 0)).unwrap();
+        q.enqueue(msg("now"), false, 5);
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        q.expire(5);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn rejected_messages_are_dead_lettered_only_with_a_dlx() {
+        for dlx in [false, true] {
+            let mut q = QueueEngine::with_policy(QueuePolicy {
+                dead_letter: dlx,
+                ..Default::default()
+            });
+            q.enqueue(msg("x"), true, 0);
+            let (e, _) = q.get(ch(1), false, 0).unwrap();
+            q.reject(ch(1), &[e.seq]);
+            assert_eq!(q.take_dead().len(), usize::from(dlx));
+            assert_eq!(q.take_settled(), vec![e.seq]);
+        }
     }
 }

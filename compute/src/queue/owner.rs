@@ -10,7 +10,8 @@ use tracing::{debug, warn};
 use warren_storage::StorageError;
 
 use super::engine::{
-    ChannelKey, ConsumeError, ConsumerId, ConsumerSpec, Delivery, Entry, QueueEngine, Seq,
+    ChannelKey, ConsumeError, ConsumerId, ConsumerSpec, DeadReason, Delivery, Entry, QueueEngine,
+    QueuePolicy, Seq,
 };
 use super::log::{AppendFuture, QueueLog};
 use super::record::{self, Record};
@@ -200,6 +201,27 @@ impl QueueHandle {
 /// Called once when an auto-delete queue loses its last consumer, or the owner stops.
 pub type OwnerExit = Box<dyn FnOnce(ExitReason) + Send>;
 
+/// Receives messages a queue removed by reject, TTL or length limit, to dead-letter them.
+pub type DeadLetterFn = Arc<dyn Fn(Vec<(Entry, DeadReason)>) + Send + Sync>;
+
+/// How to run one queue owner.
+pub struct OwnerConfig {
+    /// Node-unique id of this owner incarnation.
+    pub id: u64,
+    /// The vhost.
+    pub vhost: String,
+    /// The queue name.
+    pub name: String,
+    /// Durable queue.
+    pub durable: bool,
+    /// Delete the queue when its last consumer goes.
+    pub auto_delete: bool,
+    /// Called when the owner stops.
+    pub on_exit: OwnerExit,
+    /// Where dead-lettered messages go (if the queue has a dead-letter exchange).
+    pub dead_letter: Option<DeadLetterFn>,
+}
+
 /// Why an owner stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -213,19 +235,25 @@ pub enum ExitReason {
 
 /// Replay a log into a fresh engine: enqueue records restore messages (marked redelivered,
 /// since a previous owner may have delivered them), settle records remove them.
-pub fn replay(records: Vec<bytes::Bytes>) -> Result<QueueEngine, record::CorruptRecord> {
-    let mut engine = QueueEngine::new();
+pub fn replay(
+    records: Vec<bytes::Bytes>,
+    policy: QueuePolicy,
+) -> Result<QueueEngine, record::CorruptRecord> {
+    let mut engine = QueueEngine::with_policy(policy);
     let mut max_seq = 0;
     for rec in records {
         match record::decode(rec)? {
             Record::Enqueue(items) => {
                 for (seq, msg) in items {
                     max_seq = max_seq.max(seq + 1);
+                    // TTLs restart at takeover: the log keeps no enqueue times.
                     engine.restore(Entry {
                         seq,
                         msg: Arc::new(msg),
                         redelivered: true,
                         durable: true,
+                        expires_at: None,
+                        rank: 0,
                     });
                 }
             }
@@ -253,6 +281,8 @@ pub struct Owner<L: QueueLog> {
     auto_delete: bool,
     sinks: HashMap<u64, ConnSink>,
     on_exit: Option<OwnerExit>,
+    dead_letter: Option<DeadLetterFn>,
+    clock: tokio::time::Instant,
     appends: mpsc::UnboundedSender<PendingAppend>,
     failures: mpsc::UnboundedReceiver<StorageError>,
     batch_durable: Vec<(Seq, Arc<Message>)>,
@@ -262,15 +292,17 @@ pub struct Owner<L: QueueLog> {
 }
 
 /// Start an owner task for a queue whose engine was rebuilt from `log`.
-pub fn spawn<L: QueueLog>(
-    engine: QueueEngine,
-    log: L,
-    handle_parts: (u64, String, String, bool),
-    auto_delete: bool,
-    on_exit: OwnerExit,
-) -> QueueHandle {
+pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> QueueHandle {
     let (tx, rx) = mpsc::channel(QUEUE_CHANNEL_CAPACITY);
-    let (id, vhost, name, durable) = handle_parts;
+    let OwnerConfig {
+        id,
+        vhost,
+        name,
+        durable,
+        auto_delete,
+        on_exit,
+        dead_letter,
+    } = config;
     let handle = QueueHandle(Arc::new(QueueShared {
         id,
         vhost,
@@ -288,6 +320,8 @@ pub fn spawn<L: QueueLog>(
         auto_delete,
         sinks: HashMap::new(),
         on_exit: Some(on_exit),
+        dead_letter,
+        clock: tokio::time::Instant::now(),
         appends,
         failures,
         batch_durable: Vec::new(),
@@ -340,6 +374,8 @@ fn send_confirms(confirms: Vec<ConfirmTo>, ok: bool) {
 impl<L: QueueLog> Owner<L> {
     async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let reason = loop {
+            let expiry = self.engine.next_expiry();
+            let wake_at = self.clock + std::time::Duration::from_millis(expiry.unwrap_or(0));
             let cmd = tokio::select! {
                 biased;
                 err = self.failures.recv() => {
@@ -349,6 +385,10 @@ impl<L: QueueLog> Owner<L> {
                     break ExitReason::LogFailed;
                 }
                 cmd = rx.recv() => cmd,
+                _ = tokio::time::sleep_until(wake_at), if expiry.is_some() => {
+                    self.flush();
+                    continue;
+                }
             };
             // The owner holds a sender itself, so the channel never closes under it.
             let Some(cmd) = cmd else {
@@ -394,11 +434,17 @@ impl<L: QueueLog> Owner<L> {
         }
     }
 
+    /// Milliseconds on the owner's clock (tokio's, so tests can pause time).
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn handle_cmd(&mut self, cmd: QueueCmd) -> Option<ExitReason> {
         match cmd {
             QueueCmd::Publish { msg, confirm } => {
                 let durable = self.log.is_durable() && msg.persistent;
-                let seq = self.engine.enqueue(msg.clone(), durable);
+                let now = self.now();
+                let seq = self.engine.enqueue(msg.clone(), durable, now);
                 if durable {
                     self.batch_durable.push((seq, msg));
                     if let Some(c) = confirm {
@@ -428,7 +474,7 @@ impl<L: QueueLog> Owner<L> {
                 if requeue {
                     self.engine.requeue(channel, &seqs);
                 } else {
-                    self.engine.ack(channel, &seqs);
+                    self.engine.reject(channel, &seqs);
                 }
             }
             QueueCmd::ChannelClosed { channel } => self.engine.channel_closed(channel),
@@ -437,7 +483,8 @@ impl<L: QueueLog> Owner<L> {
                 no_ack,
                 reply,
             } => {
-                let r = self.engine.get(channel, no_ack);
+                let now = self.now();
+                let r = self.engine.get(channel, no_ack, now);
                 let _ = reply.send(r);
             }
             QueueCmd::Purge { reply } => {
@@ -474,6 +521,16 @@ impl<L: QueueLog> Owner<L> {
 
     /// Write the batch's records, release confirms, and deliver.
     fn flush(&mut self) {
+        self.engine.dispatch(&mut self.deliveries);
+        // After dispatch, so a zero TTL still reaches a consumer that is waiting.
+        let now = self.now();
+        self.engine.expire(now);
+        let dead = self.engine.take_dead();
+        if !dead.is_empty()
+            && let Some(f) = &self.dead_letter
+        {
+            f(dead);
+        }
         if !self.batch_durable.is_empty() {
             let rec = record::encode_enqueue(self.batch_durable.iter().map(|(s, m)| (*s, &**m)));
             self.batch_durable.clear();
@@ -492,7 +549,6 @@ impl<L: QueueLog> Owner<L> {
         if !self.batch_confirms_now.is_empty() {
             send_confirms(std::mem::take(&mut self.batch_confirms_now), true);
         }
-        self.engine.dispatch(&mut self.deliveries);
         if self.deliveries.is_empty() {
             return;
         }

@@ -127,16 +127,11 @@ pub fn decode(buf: Bytes) -> Result<Record, CorruptRecord> {
                 let persistent = r.u8()? != 0;
                 let properties_raw = r.long()?;
                 let body = r.long()?;
-                items.push((
-                    seq,
-                    Message {
-                        exchange,
-                        routing_key,
-                        properties_raw,
-                        body,
-                        persistent,
-                    },
-                ));
+                let props = crate::message::parse_properties(&properties_raw)
+                    .ok_or(CorruptRecord("unreadable message properties"))?;
+                let mut m = Message::new(exchange, routing_key, properties_raw, &props, body);
+                m.persistent = persistent;
+                items.push((seq, m));
             }
             Record::Enqueue(items)
         }
@@ -161,13 +156,16 @@ mod tests {
     use super::*;
 
     fn m(body: &'static [u8]) -> Message {
-        Message {
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            properties_raw: Bytes::from_static(&[0x10, 0x00, 2]),
-            body: Bytes::from_static(body),
-            persistent: true,
-        }
+        let props = amq_protocol::protocol::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(3);
+        Message::new(
+            "ex".into(),
+            "rk".into(),
+            crate::message::encode_properties(&props),
+            &props,
+            Bytes::from_static(body),
+        )
     }
 
     #[test]
