@@ -1,35 +1,181 @@
-//! Start a compute node on a free loopback port for one test.
+//! Start a compute node on a free loopback port for one test, optionally over a real
+//! in-process storage cluster (three storage nodes in three zones, mutual TLS, temporary
+//! directories).
+#![allow(clippy::unwrap_used, dead_code)]
 
-use warren_common::config::TlsPaths;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warren_common::config::{Replication, TlsPaths};
+use warren_common::{NodeId, Zone};
 use warren_compute::{ComputeConfig, ComputeNode};
+use warren_storage::client::{StorageClient, StorageClientConfig};
+use warren_storage::config::StorageNodeConfig;
 
-/// A compute node serving one test; stopped when dropped with the runtime.
+/// A real storage cluster running in this process.
+pub struct Storage {
+    dir: tempfile::TempDir,
+    seeds: Vec<SocketAddr>,
+    client_tls: TlsPaths,
+    nodes: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Storage {
+    /// Three storage nodes in three zones on free ports.
+    pub async fn start() -> Storage {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["storage-1", "storage-2", "storage-3", "compute"];
+        let mut tls =
+            warren_common::tls::create_dev_cluster_tls(&dir.path().join("tls"), &names).unwrap();
+        let client_tls = tls.pop().unwrap();
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let seeds: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let zones = ["zone-a", "zone-b", "zone-c"];
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let config = StorageNodeConfig {
+                name: names[i].into(),
+                zone: Zone(zones[i].into()),
+                data_dir: dir.path().join(names[i]),
+                data_addr: "127.0.0.1:0".parse().unwrap(),
+                control_addr: seeds[i],
+                advertise_data_addr: None,
+                advertise_control_addr: None,
+                tls: tls[i].clone(),
+                seeds: seeds.clone(),
+                max_batch_bytes: 8 * 1024 * 1024,
+            };
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (tx, rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let r = warren_storage::node::run_with_control_listener(config, listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+                if let Err(e) = r {
+                    panic!("storage node failed: {e}");
+                }
+            });
+            nodes.push((tx, task));
+        }
+        let storage = Storage {
+            dir,
+            seeds,
+            client_tls,
+            nodes,
+        };
+        storage.wait_ready().await;
+        storage
+    }
+
+    /// Wait (bounded) until the cluster accepts a log: every node registered.
+    async fn wait_ready(&self) {
+        for _ in 0..600 {
+            if let Ok(c) = StorageClient::connect(self.client_config()).await
+                && c.acquire_log(warren_common::LogId::random()).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("storage cluster did not become ready");
+    }
+
+    /// How a compute node reaches this cluster.
+    pub fn client_config(&self) -> StorageClientConfig {
+        StorageClientConfig {
+            node_id: NodeId::random(),
+            zone: Zone("zone-a".into()),
+            seeds: self.seeds.clone(),
+            replication: Replication::default(),
+            tls: self.client_tls.clone(),
+        }
+    }
+
+    /// A fresh client.
+    pub async fn client(&self) -> StorageClient {
+        StorageClient::connect(self.client_config()).await.unwrap()
+    }
+
+    /// The TLS material a compute node uses.
+    pub fn tls(&self) -> TlsPaths {
+        self.client_tls.clone()
+    }
+
+    /// Storage seed addresses.
+    pub fn seeds(&self) -> Vec<SocketAddr> {
+        self.seeds.clone()
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        for (tx, task) in self.nodes.drain(..) {
+            let _ = tx.send(());
+            task.abort();
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// A compute node serving one test.
 pub struct Broker {
-    node: ComputeNode,
+    node: Option<ComputeNode>,
+}
+
+fn test_config(tls: TlsPaths) -> ComputeConfig {
+    let mut config = ComputeConfig::new(tls);
+    config.amqp_listen = "127.0.0.1:0".parse().expect("loopback address");
+    config
 }
 
 impl Broker {
     /// A node with every queue in memory (no storage tier).
     pub async fn start() -> Broker {
-        let mut config = ComputeConfig::new(TlsPaths {
+        let config = test_config(TlsPaths {
             ca_cert: "unused".into(),
             cert: "unused".into(),
             key: "unused".into(),
         });
-        config.amqp_listen = "127.0.0.1:0".parse().expect("loopback address");
         let node = ComputeNode::start_in_memory(config)
             .await
             .expect("compute node starts");
-        Broker { node }
+        Broker { node: Some(node) }
+    }
+
+    /// A node over a real storage cluster.
+    pub async fn start_with(storage: &Storage) -> Broker {
+        let mut config = test_config(storage.tls());
+        config.storage_seeds = storage.seeds();
+        let node = ComputeNode::start(config, storage.client().await)
+            .await
+            .expect("compute node starts");
+        Broker { node: Some(node) }
+    }
+
+    fn node(&self) -> &ComputeNode {
+        self.node.as_ref().expect("broker is running")
     }
 
     /// The node's socket address.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.node.local_addr()
+    pub fn addr(&self) -> SocketAddr {
+        self.node().local_addr()
     }
 
     /// The AMQP URL of the node.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.node.local_addr())
+        format!("amqp://guest:guest@{}/%2f", self.addr())
+    }
+
+    /// Stop the node (connections get 320 CONNECTION_FORCED).
+    pub async fn stop(mut self) {
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
     }
 }
