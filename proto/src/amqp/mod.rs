@@ -30,6 +30,9 @@
 //! - [`encode_method`], [`encode_content`] (method + header + body frames split by
 //!   `frame_max`), [`encode_heartbeat`], [`encode_frame`], [`encode_content_header`],
 //!   [`encode_body`].
+//! - Per-message fast paths, byte-identical to the generated encoders: [`encode_deliver`],
+//!   [`encode_ack`], [`encode_nack`], [`encode_content_header_raw`] (stored raw
+//!   properties), [`encode_body_frames`].
 //!
 //! A server read loop:
 //!
@@ -76,6 +79,7 @@
 mod content;
 mod error;
 mod frame;
+mod hot;
 mod nesting;
 mod writer;
 
@@ -89,6 +93,9 @@ pub use frame::{
     FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, FRAME_OVERHEAD, Frame, FrameDecoder,
     PROTOCOL_HEADER, decode_protocol_header, encode_body, encode_content_header, encode_frame,
     encode_heartbeat, encode_method,
+};
+pub use hot::{
+    encode_ack, encode_body_frames, encode_content_header_raw, encode_deliver, encode_nack,
 };
 pub use nesting::MAX_FIELD_NESTING;
 
