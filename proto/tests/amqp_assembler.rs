@@ -363,3 +363,29 @@ fn errors_build_the_close_rabbitmq_sends() {
     assert_eq!(on, 0);
     assert!(matches!(close, AMQPClass::Connection(_)));
 }
+
+#[test]
+fn compact_bodies_do_not_share_the_read_buffer() {
+    let wire = raw_frame(3, 1, b"tiny body");
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    buf.extend_from_slice(&wire);
+    let Some(Frame::Body { payload, .. }) = FrameDecoder::without_protocol_header(0)
+        .decode(&mut buf)
+        .unwrap()
+    else {
+        panic!("not a body")
+    };
+    let body = MessageBody::from(payload.clone());
+    assert_eq!(
+        body.to_bytes().as_ptr(),
+        payload.as_ptr(),
+        "to_bytes shares"
+    );
+    let compact = body.to_compact_bytes();
+    assert_eq!(compact, payload);
+    assert_ne!(
+        compact.as_ptr(),
+        payload.as_ptr(),
+        "to_compact_bytes copies"
+    );
+}

@@ -18,7 +18,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 134_217_728;
 /// a connection-level frame error whatever the configuration.
 pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 536_870_912;
 
-/// A message body as received: the body frames' payloads, sharing the read buffer's memory.
+/// A message body as received: the body frames' payloads, sharing the read buffer's memory
+/// (see [`MessageBody::to_compact_bytes`] for bodies kept long).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MessageBody {
     chunks: Vec<Bytes>,
@@ -68,6 +69,19 @@ impl MessageBody {
                 out.freeze()
             }
         }
+    }
+}
+
+impl MessageBody {
+    /// The body in one right-sized allocation of its own. Received fragments share the
+    /// connection's read buffer, so a small body kept for long would pin a whole buffer; copy
+    /// bodies that outlive the current batch (queued in memory) with this.
+    pub fn to_compact_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.len as usize);
+        for chunk in &self.chunks {
+            out.extend_from_slice(chunk);
+        }
+        out.freeze()
     }
 }
 
