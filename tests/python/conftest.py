@@ -179,7 +179,7 @@ def drain(channel, queue_name):
         bodies.append(body)
 
 
-def wait_for(predicate, connection, timeout=30.0):
+def wait_for(predicate, connection, timeout=20.0):
     """Process I/O until predicate() holds; fail after timeout (a hang guard, not a timing)."""
     deadline = time.monotonic() + timeout
     while not predicate():
