@@ -75,6 +75,13 @@
 //! - `basic.qos`'s `prefetch_size` is not kept by `amq-protocol` (RabbitMQ refuses a
 //!   non-zero value with 540 NOT_IMPLEMENTED); decoding a `basic.qos` frame therefore reports
 //!   a non-zero `prefetch_size` as [`FrameError::PrefetchSizeNotImplemented`].
+//! - Tables nested deeper than [`MAX_FIELD_NESTING`] are refused before parsing
+//!   ([`FrameError::NestingTooDeep`]): the generated parser recurses.
+//! - Once a connection has sent `connection.close`, RabbitMQ only looks at methods on channel
+//!   0 until `close-ok`: ignore non-fatal decode errors and other frames then.
+//! - Body fragments share the read buffer; copy bodies kept in memory with
+//!   [`MessageBody::to_compact_bytes`]. Use `ShortString::try_new` (not `From`, which panics
+//!   beyond 255 octets) for names derived from input.
 
 mod content;
 mod error;
