@@ -119,7 +119,13 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
                 && let Some(last) = m.segments.last_mut()
                 && last.id == s.id
             {
-                last.end.get_or_insert(*end);
+                if *end == 0 {
+                    // An empty segment holds no position anyone was given: drop it, so
+                    // owners that restart without writing do not grow the segment list.
+                    m.segments.pop();
+                } else {
+                    last.end.get_or_insert(*end);
+                }
             }
             m.segments.push(segment.clone());
             Ok(Some(meta::encode(&m)))
@@ -131,16 +137,16 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
         // Metadata is the truth; telling the nodes only lets them refuse stragglers early.
         let client = client.clone();
         tokio::spawn(async move {
+            let req = if end == 0 {
+                Request::Delete { segment: s.id.0 }
+            } else {
+                Request::Seal {
+                    segment: s.id.0,
+                    end,
+                }
+            };
             for node in s.ensemble {
-                let _ = client
-                    .node_request(
-                        node,
-                        Request::Seal {
-                            segment: s.id.0,
-                            end,
-                        },
-                    )
-                    .await;
+                let _ = client.node_request(node, req.clone()).await;
             }
         });
     }

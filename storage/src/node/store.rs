@@ -19,6 +19,7 @@ use warren_proto::internal::data::{ErrorCode, ReadEntry, Response};
 
 use super::journal::{self, ENTRY_FIXED, HEADER, Record};
 use crate::StorageError;
+use crate::protocol::segment::SegmentRules;
 
 /// Epoch reported for a deleted segment: above every real epoch, so its writer stops.
 const DELETED_EPOCH: u64 = u64::MAX;
@@ -32,11 +33,8 @@ struct Loc {
 
 #[derive(Debug, Default)]
 struct SegState {
-    fenced: u64,
-    end: Option<u64>,
-    lac: Option<u64>,
-    // Highest entry accepted, durable or in the batch being written.
-    last: Option<u64>,
+    // Includes changes in the batch being written.
+    rules: SegmentRules,
     // Durable entries only.
     entries: BTreeMap<u64, Loc>,
 }
@@ -223,7 +221,7 @@ impl Store {
             let mut bytes = 0u64;
             let mut locs = Vec::new();
             for (id, loc) in seg.entries.range(from..) {
-                if seg.end.is_some_and(|end| *id >= end)
+                if seg.rules.end.is_some_and(|end| *id >= end)
                     || locs.len() >= max_entries as usize
                     || (!locs.is_empty() && bytes + u64::from(loc.len) > u64::from(max_bytes))
                 {
@@ -232,7 +230,7 @@ impl Store {
                 bytes += u64::from(loc.len);
                 locs.push((*id, *loc));
             }
-            (locs, seg.end)
+            (locs, seg.rules.end)
         };
         let mut entries = Vec::with_capacity(locs.len());
         for (entry, loc) in locs {
@@ -300,20 +298,19 @@ fn apply_replayed(state: &mut State, offset: u64, rec: Record, entries: &mut u64
                     len: payload.len() as u32,
                 },
             );
-            seg.last = seg.last.max(Some(entry));
-            seg.lac = seg.lac.max(lac);
+            seg.rules.replay_append(entry, lac);
             *entries += 1;
         }
         Record::Fence { segment, epoch } => {
             if !state.deleted.contains(&segment) {
                 let seg = state.segments.entry(segment).or_default();
-                seg.fenced = seg.fenced.max(epoch);
+                seg.rules.replay_fence(epoch);
             }
         }
         Record::Seal { segment, end } => {
             if !state.deleted.contains(&segment) {
                 let seg = state.segments.entry(segment).or_default();
-                seg.end = seg.end.or(Some(end));
+                seg.rules.seal(end);
             }
         }
         Record::Delete { segment } => {
@@ -364,11 +361,9 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
                 });
             }
             let seg = st.segments.entry(segment).or_default();
-            if epoch < seg.fenced || seg.end.is_some_and(|end| entry >= end) {
-                return reply(Response::Fenced { epoch: seg.fenced });
+            if let Err(fenced) = seg.rules.append(epoch, entry, lac) {
+                return reply(Response::Fenced { epoch: fenced });
             }
-            seg.last = seg.last.max(Some(entry));
-            seg.lac = seg.lac.max(lac);
             let len = payload.len() as u32;
             let rec = Record::Entry {
                 segment,
@@ -396,16 +391,15 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
                 });
             }
             let seg = st.segments.entry(segment).or_default();
-            if epoch < seg.fenced {
-                return reply(Response::Fenced { epoch: seg.fenced });
-            }
-            seg.fenced = epoch;
             // The answer describes every append staged before this fence; they become
             // durable with (or before) it, so the answer is true by the time it is sent.
-            let answer = Response::FenceOk {
-                last_entry: seg.last,
-                lac: seg.lac,
-                end: seg.end,
+            let answer = match seg.rules.fence(epoch) {
+                Err(fenced) => return reply(Response::Fenced { epoch: fenced }),
+                Ok(tail) => Response::FenceOk {
+                    last_entry: tail.last_entry,
+                    lac: tail.lac,
+                    end: tail.end,
+                },
             };
             journal::encode(&Record::Fence { segment, epoch }, &mut batch.buf);
             batch.staged.push((Staged::Other, answer, reply));
@@ -416,7 +410,7 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
             }
             let seg = st.segments.entry(segment).or_default();
             // A seal is final: metadata recorded it before any node heard of it.
-            let end = *seg.end.get_or_insert(end);
+            let end = seg.rules.seal(end);
             journal::encode(&Record::Seal { segment, end }, &mut batch.buf);
             batch.staged.push((Staged::Other, Response::Ok, reply));
         }

@@ -6,3 +6,4 @@ pub mod caspaxos;
 pub mod placement;
 pub mod quorum;
 pub mod recovery;
+pub mod segment;
