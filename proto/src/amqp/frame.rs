@@ -15,6 +15,7 @@ use nom_shim::all_consuming;
 
 use super::ProtocolVersion;
 use super::error::{EncodeError, FrameError, erlang_binary, payload_snippet};
+use super::hot::decode_hot_method;
 use super::nesting::{MAX_FIELD_NESTING, may_exceed_nesting};
 use super::writer::BufWriter;
 
@@ -373,7 +374,11 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, FrameError> {
             method_id,
         });
     }
-    match all_consuming(parse_class, payload) {
+    let decoded = match decode_hot_method(class_id, method_id, &payload[4..]) {
+        Some(hot) => hot,
+        None => all_consuming(parse_class, payload),
+    };
+    match decoded {
         Some(method) => {
             if let AMQPClass::Basic(basic::AMQPMethod::Qos(_)) = method {
                 // amq-protocol drops prefetch-size (the first argument); RabbitMQ refuses a

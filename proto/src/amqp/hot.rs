@@ -1,9 +1,12 @@
-//! Encoders for the frames sent once per message: `basic.deliver`, `basic.ack`/`nack` for
-//! publisher confirms, and content sent from stored raw properties.
+//! The frames handled once per message: encoders for `basic.deliver`, `basic.ack`/`nack`
+//! (publisher confirms) and content from stored raw properties; decoders for
+//! `basic.publish`, `basic.ack`, `basic.nack` and `basic.reject`.
 //!
-//! The generated serializers build a map of flag names (allocating) for every bit argument;
-//! these write the octets directly. Tests check them against the generated encoders.
+//! The generated code builds a list of flag names (allocating) for every bit argument; these
+//! read and write the octets directly. Tests check them against the generated code.
 
+use amq_protocol::protocol::{AMQPClass, basic};
+use amq_protocol::types::ShortString;
 use bytes::{BufMut, BytesMut};
 
 use super::error::EncodeError;
@@ -12,8 +15,10 @@ use super::frame::{
     max_body_chunk,
 };
 
+const BASIC_PUBLISH: u16 = 40;
 const BASIC_DELIVER: u16 = 60;
 const BASIC_ACK: u16 = 80;
+const BASIC_REJECT: u16 = 90;
 const BASIC_NACK: u16 = 120;
 
 fn short_str_len(s: &str) -> Result<u8, EncodeError> {
@@ -118,4 +123,78 @@ pub fn encode_body_frames(channel: u16, body: &[u8], frame_max: u32, buf: &mut B
         buf.put_slice(chunk);
         buf.put_u8(FRAME_END);
     }
+}
+
+/// Decodes the per-message client methods (`basic.publish`, `basic.ack`, `basic.nack`,
+/// `basic.reject`) without the generated parser's per-call allocations of flag names.
+/// `None`: not one of them (use the generated parser); `Some(None)`: malformed arguments;
+/// `Some(Some(method))`: decoded, exactly as the generated parser would.
+pub(crate) fn decode_hot_method(
+    class_id: u16,
+    method_id: u16,
+    args: &[u8],
+) -> Option<Option<AMQPClass>> {
+    if class_id != BASIC_CLASS_ID {
+        return None;
+    }
+    match method_id {
+        BASIC_PUBLISH => Some(decode_publish(args)),
+        BASIC_ACK => Some(decode_tag_and_bits(args).map(|(delivery_tag, bits)| {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag,
+                multiple: bits & 1 != 0,
+            }))
+        })),
+        BASIC_REJECT => Some(decode_tag_and_bits(args).map(|(delivery_tag, bits)| {
+            AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+                delivery_tag,
+                requeue: bits & 1 != 0,
+            }))
+        })),
+        BASIC_NACK => Some(decode_tag_and_bits(args).map(|(delivery_tag, bits)| {
+            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag,
+                multiple: bits & 1 != 0,
+                requeue: bits & 2 != 0,
+            }))
+        })),
+        _ => None,
+    }
+}
+
+fn decode_tag_and_bits(args: &[u8]) -> Option<(u64, u8)> {
+    let [a, b, c, d, e, f, g, h, bits] = *args else {
+        return None;
+    };
+    Some((u64::from_be_bytes([a, b, c, d, e, f, g, h]), bits))
+}
+
+fn take_short_string(args: &mut &[u8]) -> Option<ShortString> {
+    let (&len, rest) = args.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let (text, rest) = rest.split_at(len);
+    *args = rest;
+    let text = std::str::from_utf8(text).ok()?;
+    ShortString::try_new(text).ok()
+}
+
+fn decode_publish(args: &[u8]) -> Option<AMQPClass> {
+    // reserved-1 (ticket), exchange, routing-key, bits.
+    let mut rest = args.get(2..)?;
+    let exchange = take_short_string(&mut rest)?;
+    let routing_key = take_short_string(&mut rest)?;
+    let [bits] = *rest else {
+        return None;
+    };
+    Some(AMQPClass::Basic(basic::AMQPMethod::Publish(
+        basic::Publish {
+            exchange,
+            routing_key,
+            mandatory: bits & 1 != 0,
+            immediate: bits & 2 != 0,
+        },
+    )))
 }
