@@ -65,6 +65,28 @@ pub struct Channel {
     pub touched: HashMap<u64, QueueHandle>,
     /// The queue last declared here: an empty queue name in later methods means it.
     pub last_queue: Option<String>,
+    /// Set by tx.select: publishes and settlements wait for tx.commit.
+    pub tx: Option<TxBuffer>,
+}
+
+/// What a transactional channel has done since its last commit or rollback.
+#[derive(Default)]
+pub struct TxBuffer {
+    /// Complete publishes, in order.
+    pub publishes: Vec<Box<warren_proto::amqp::Content>>,
+    /// Settlements, in order: delivery tag, the delivery, and how it is settled.
+    pub settles: Vec<(u64, Unacked, TxSettle)>,
+}
+
+/// How a buffered settlement will be applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxSettle {
+    /// basic.ack.
+    Ack,
+    /// Reject or nack with requeue.
+    Requeue,
+    /// Reject or nack without requeue.
+    Drop,
 }
 
 impl Channel {
@@ -83,6 +105,7 @@ impl Channel {
             confirms: None,
             touched: HashMap::new(),
             last_queue: None,
+            tx: None,
         }
     }
 

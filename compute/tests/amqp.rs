@@ -898,3 +898,45 @@ async fn queue_arguments_ttl_priority_max_length_and_dead_lettering() {
         vec![b"3".to_vec(), b"4".to_vec()]
     );
 }
+
+#[tokio::test]
+async fn transactions_commit_and_rollback() {
+    let broker = Broker::start().await;
+    let conn = connect(&broker.url()).await;
+    let ch = channel(&conn).await;
+    declare(&ch, "txq").await;
+    ch.tx_select().await.unwrap();
+    publish(&ch, "", "txq", b"rolled back").await;
+    let q = ch
+        .queue_declare(
+            "txq".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0);
+    ch.tx_rollback().await.unwrap();
+    publish(&ch, "", "txq", b"committed").await;
+    ch.tx_commit().await.unwrap();
+    let m = ch
+        .basic_get("txq".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.delivery.data, b"committed");
+    // An ack inside a transaction takes effect at commit; a rollback undoes it.
+    m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    ch.tx_rollback().await.unwrap();
+    m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    ch.tx_commit().await.unwrap();
+    assert!(get_body(&ch, "txq").await.is_none());
+    let e = ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 406);
+}

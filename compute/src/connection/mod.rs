@@ -816,7 +816,7 @@ impl Conn {
             AMQPClass::Queue(q) => self.on_queue(id, q).await,
             AMQPClass::Basic(b) => self.on_basic(id, b).await,
             AMQPClass::Confirm(c) => self.on_confirm(id, c),
-            AMQPClass::Tx(t) => self.on_tx(id, t),
+            AMQPClass::Tx(t) => self.on_tx(id, t).await,
             AMQPClass::Access(_) => {
                 frame::put_method(
                     &mut self.wbuf,

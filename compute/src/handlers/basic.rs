@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use warren_proto::amqp::Content;
 
 use super::{int_arg, random_name, rs};
-use crate::channel::{ConsumerEntry, Unacked};
+use crate::channel::{ConsumerEntry, TxSettle, Unacked};
 use crate::connection::{Conn, Settle, frame};
 use crate::error::{AmqpError, ReplyCode};
 use crate::message::{Message, encode_properties};
@@ -70,29 +70,24 @@ impl Conn {
             }
             basic::AMQPMethod::Get(g) => self.get(id, g).await,
             basic::AMQPMethod::Ack(a) => {
-                let items = self.take_acked(id, a.delivery_tag, a.multiple)?;
-                self.settle(id, items, Settle::Ack).await;
-                Ok(())
+                self.settle_tags(id, a.delivery_tag, a.multiple, Settle::Ack)
+                    .await
             }
             basic::AMQPMethod::Reject(r) => {
-                let items = self.take_acked(id, r.delivery_tag, false)?;
                 let how = if r.requeue {
                     Settle::Requeue
                 } else {
                     Settle::Drop
                 };
-                self.settle(id, items, how).await;
-                Ok(())
+                self.settle_tags(id, r.delivery_tag, false, how).await
             }
             basic::AMQPMethod::Nack(n) => {
-                let items = self.take_acked(id, n.delivery_tag, n.multiple)?;
                 let how = if n.requeue {
                     Settle::Requeue
                 } else {
                     Settle::Drop
                 };
-                self.settle(id, items, how).await;
-                Ok(())
+                self.settle_tags(id, n.delivery_tag, n.multiple, how).await
             }
             basic::AMQPMethod::Recover(r) => {
                 self.recover(id, r.requeue).await?;
@@ -107,10 +102,53 @@ impl Conn {
         }
     }
 
-    fn take_acked(&mut self, id: u16, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
-        self.ch(id)?
+    /// ack/nack/reject: settle now, or buffer until tx.commit on a transactional channel.
+    async fn settle_tags(
+        &mut self,
+        id: u16,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<(), AmqpError> {
+        let ch = self.ch(id)?;
+        if ch.tx.is_some() {
+            let taken: Vec<(u64, Unacked)> = if multiple {
+                if tag != 0 && !ch.unacked.contains_key(&tag) {
+                    return Err(AmqpError::precondition(format!(
+                        "unknown delivery tag {tag}"
+                    )));
+                }
+                let keys: Vec<u64> = ch
+                    .unacked
+                    .keys()
+                    .copied()
+                    .filter(|k| tag == 0 || *k <= tag)
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| ch.unacked.remove(&k).map(|u| (k, u)))
+                    .collect()
+            } else {
+                let u = ch.unacked.remove(&tag).ok_or_else(|| {
+                    AmqpError::precondition(format!("unknown delivery tag {tag}"))
+                })?;
+                vec![(tag, u)]
+            };
+            let how = match how {
+                Settle::Ack => TxSettle::Ack,
+                Settle::Requeue => TxSettle::Requeue,
+                Settle::Drop => TxSettle::Drop,
+            };
+            if let Some(buf) = ch.tx.as_mut() {
+                buf.settles
+                    .extend(taken.into_iter().map(|(k, u)| (k, u, how)));
+            }
+            return Ok(());
+        }
+        let items = ch
             .take_acked(tag, multiple)
-            .ok_or_else(|| AmqpError::precondition(format!("unknown delivery tag {tag}")))
+            .ok_or_else(|| AmqpError::precondition(format!("unknown delivery tag {tag}")))?;
+        self.settle(id, items, how).await;
+        Ok(())
     }
 
     async fn recover(&mut self, id: u16, requeue: bool) -> Result<(), AmqpError> {
@@ -270,8 +308,21 @@ impl Conn {
         Ok(())
     }
 
-    /// A complete basic.publish: route it and hand it to every target queue's owner.
+    /// A complete basic.publish: buffered on a transactional channel, else published.
     pub(crate) async fn on_publish(
+        &mut self,
+        id: u16,
+        content: Box<Content>,
+    ) -> Result<(), AmqpError> {
+        if let Some(buf) = self.ch(id)?.tx.as_mut() {
+            buf.publishes.push(content);
+            return Ok(());
+        }
+        self.publish_now(id, content).await
+    }
+
+    /// Route a publish and hand it to every target queue's owner.
+    pub(crate) async fn publish_now(
         &mut self,
         id: u16,
         content: Box<Content>,
