@@ -89,6 +89,70 @@ print(f"{sum(stats[p] for p in tree) / hz:.3f} {','.join(tree) or '-'}")
 EOF
 }
 
+# Regenerate the results table in docs/benchmarks.md from one results file.
+render_table() {
+    python3 - "$1" docs/benchmarks.md <<'EOF'
+import json, sys
+result_path, doc_path = sys.argv[1:]
+r = json.load(open(result_path))
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+def ms(us):
+    return f"{us / 1000:.1f}" if us else "–"
+
+rows = [
+    f"Run `{r['generated_utc']}` ({r['duration_s']} s per run; raw data: "
+    f"[`docs/bench-results/{r['generated_utc']}.json`](bench-results/{r['generated_utc']}.json)).",
+    "",
+    "| scenario | broker | queue | published msg/s | confirmed msg/s | consumed msg/s "
+    "| confirm p50 / p99 / p99.9 ms | end-to-end p50 / p99 ms | broker CPU µs/msg "
+    "| bench CPU µs/msg | msgs per fsync |",
+    "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+]
+for s in r["scenarios"]:
+    for broker in ("rabbitmq", "warren"):
+        run = s["runs"][broker]
+        name = "RabbitMQ" if broker == "rabbitmq" else "Warren"
+        if run["status"] != "ok":
+            rows.append(f"| {s['id']} | {name} | | {run['status']} | | | | | | | |")
+            continue
+        rep = run["report"]
+        rates, c, e = rep["rates"], rep["confirm_latency_us"], rep["e2e_latency_us"]
+        confirm = f"{ms(c['p50'])} / {ms(c['p99'])} / {ms(c['p999'])}" if c["count"] else "–"
+        drained = "" if rep["drained"] else " (not drained)"
+        # Transient messages are never fsync'd; the few fsyncs there are bookkeeping.
+        mpf = run["msgs_per_fsync"] if s["durable"] else None
+        published = rep["totals"]["published"]
+        bench_cpu = f"{rep['bench_cpu_s'] * 1e6 / published:.1f}" if published and rep.get("bench_cpu_s") else "–"
+        rows.append(
+            f"| {s['id']} | {name} | {run['queue']} | {rates['published']:,.0f} | "
+            f"{rates['confirmed']:,.0f} | {rates['consumed']:,.0f}{drained} | {confirm} | "
+            f"{ms(e['p50'])} / {ms(e['p99'])} | {run['broker_cpu_us_per_msg']} | {bench_cpu} | "
+            f"{mpf if mpf is not None else '–'} |"
+        )
+rows.append("")
+rows.append("Scenarios: " + "; ".join(f"**{s['id']}** {s['title']}" for s in r["scenarios"]) + ".")
+table = "\n".join(rows)
+
+try:
+    doc = open(doc_path).read()
+except FileNotFoundError:
+    doc = f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+if BEGIN not in doc or END not in doc:
+    doc = doc.rstrip("\n") + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
+head, rest = doc.split(BEGIN, 1)
+_, tail = rest.split(END, 1)
+open(doc_path, "w").write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+print(table)
+EOF
+}
+
+if [ "${1:-}" = "--table" ]; then
+    [ $# -eq 2 ] || { echo "usage: $0 [--table docs/bench-results/<run>.json]" >&2; exit 2; }
+    render_table "$2"
+    exit 0
+fi
+
 PERF_OK=0
 if command -v perf >/dev/null 2>&1 &&
     perf stat -e syscalls:sys_enter_fdatasync -a -- true >/dev/null 2>&1; then
@@ -172,6 +236,8 @@ while [ $SECONDS -lt $deadline ]; do
     kill -0 "$WPID" 2>/dev/null || break
     sleep 0.5
 done
+# Per the AMQP URI spec an empty path names the vhost "", not "/".
+case $WARREN_URI in */) WARREN_URI="${WARREN_URI}%2f" ;; esac
 if [ -z "$WARREN_URI" ]; then
     log "warren dev did not print its amqp:// URL; last log lines:"
     tail -n 20 "$WORK/warren.log" >&2 || true
@@ -345,54 +411,5 @@ json.dump(result, open(out, "w"), indent=2)
 print(out)
 EOF
 log "wrote $RESULT"
-python3 - "$RESULT" docs/benchmarks.md <<'EOF'
-import json, sys
-result_path, doc_path = sys.argv[1:]
-r = json.load(open(result_path))
-BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
-
-def ms(us):
-    return f"{us / 1000:.1f}" if us else "–"
-
-rows = [
-    f"Run `{r['generated_utc']}` ({r['duration_s']} s per run; raw data: "
-    f"[`docs/bench-results/{r['generated_utc']}.json`](bench-results/{r['generated_utc']}.json)).",
-    "",
-    "| scenario | broker | queue | published msg/s | confirmed msg/s | consumed msg/s "
-    "| confirm p50 / p99 / p99.9 ms | end-to-end p50 / p99 ms | broker CPU µs/msg | msgs per fsync |",
-    "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
-]
-for s in r["scenarios"]:
-    for broker in ("rabbitmq", "warren"):
-        run = s["runs"][broker]
-        name = "RabbitMQ" if broker == "rabbitmq" else "Warren"
-        if run["status"] != "ok":
-            rows.append(f"| {s['id']} | {name} | | {run['status']} | | | | | | |")
-            continue
-        rep = run["report"]
-        rates, c, e = rep["rates"], rep["confirm_latency_us"], rep["e2e_latency_us"]
-        confirm = f"{ms(c['p50'])} / {ms(c['p99'])} / {ms(c['p999'])}" if c["count"] else "–"
-        drained = "" if rep["drained"] else " (not drained)"
-        mpf = run["msgs_per_fsync"]
-        rows.append(
-            f"| {s['id']} | {name} | {run['queue']} | {rates['published']:,.0f} | "
-            f"{rates['confirmed']:,.0f} | {rates['consumed']:,.0f}{drained} | {confirm} | "
-            f"{ms(e['p50'])} / {ms(e['p99'])} | {run['broker_cpu_us_per_msg']} | "
-            f"{mpf if mpf is not None else '–'} |"
-        )
-rows.append("")
-rows.append("Scenarios: " + "; ".join(f"**{s['id']}** {s['title']}" for s in r["scenarios"]) + ".")
-table = "\n".join(rows)
-
-try:
-    doc = open(doc_path).read()
-except FileNotFoundError:
-    doc = f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-if BEGIN not in doc or END not in doc:
-    doc = doc.rstrip("\n") + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
-head, rest = doc.split(BEGIN, 1)
-_, tail = rest.split(END, 1)
-open(doc_path, "w").write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-print(table)
-EOF
+render_table "$RESULT"
 log "updated docs/benchmarks.md"
