@@ -379,3 +379,57 @@ async fn confirmed_persistent_stream_round_trips_in_order() {
         .unwrap();
     conn.close(200, "bye".into()).await.unwrap();
 }
+
+/// With two of three storage nodes gone, no write can reach the ack quorum (2), so no
+/// publish may be confirmed: a confirm now would be a lie that the next failure exposes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_ack_quorum_no_publish_is_confirmed() {
+    let dev = WarrenDev::start().unwrap();
+    let conn = connect(dev.amqp_url()).await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queue = warren_tests::unique_name("no-quorum");
+    durable_queue(&channel, &queue).await;
+    let before = publish_confirmed(&channel, &queue, 0..100, 10, |_| {}).await;
+    assert_eq!(before.acked.len(), 100, "{before:?}");
+
+    dev.kill_storage(1).unwrap();
+    dev.kill_storage(2).unwrap();
+    let mut confirms = Vec::new();
+    for id in 100..110u64 {
+        let publish = timeout(
+            STEP,
+            channel.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                id.to_string().as_bytes(),
+                persistent(),
+            ),
+        )
+        .await
+        .expect("basic.publish must not block the client");
+        match publish {
+            Ok(confirm) => confirms.push(confirm),
+            Err(_) => break, // the broker closed the channel or connection: not a confirm
+        }
+    }
+    // Whatever happens within this window (waiting, nacks, a closed channel), it is not an ack.
+    for confirm in confirms {
+        if let Ok(Ok(c)) = timeout(Duration::from_secs(3), confirm).await {
+            assert!(
+                !c.is_ack(),
+                "a publish was confirmed with only one storage node alive"
+            );
+        }
+    }
+    // Losing storage must not cost the client its connection (like a RabbitMQ quorum queue
+    // without a majority, publishes just stay unconfirmed).
+    assert!(
+        conn.status().connected(),
+        "the connection did not survive the loss of two storage nodes"
+    );
+}
