@@ -109,7 +109,17 @@ mod tests {
         let c: StorageNodeConfig = toml::from_str(text).unwrap();
         assert_eq!(c.zone, Zone("zone-a".into()));
         c.validate().unwrap();
-        let bad = format!("{text}\nbogus = 1");
+        let bad = format!("bogus = 1\n{text}");
         assert!(toml::from_str::<StorageNodeConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../storage.example.toml");
+        let c: StorageNodeConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        // The example documents the defaults.
+        assert_eq!(c.max_batch_bytes, default_max_batch_bytes());
+        assert_eq!(c.zone, default_zone());
     }
 }
