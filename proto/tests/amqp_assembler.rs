@@ -389,3 +389,25 @@ fn compact_bodies_do_not_share_the_read_buffer() {
         "to_compact_bytes copies"
     );
 }
+
+#[test]
+fn compact_headers_do_not_share_the_read_buffer() {
+    let mut wire = BytesMut::new();
+    let header = ContentHeader::new(0, full_properties());
+    warren_proto::amqp::encode_content_header(1, &header, &mut wire).unwrap();
+    let Some(Frame::Header {
+        header: mut decoded,
+        ..
+    }) = FrameDecoder::without_protocol_header(0)
+        .decode(&mut wire)
+        .unwrap()
+    else {
+        panic!("not a header")
+    };
+    let shared = decoded.raw_properties().unwrap().clone();
+    decoded.compact();
+    let own = decoded.raw_properties().unwrap();
+    assert_eq!(own, &shared);
+    assert_ne!(own.as_ptr(), shared.as_ptr());
+    assert_eq!(*decoded, header);
+}

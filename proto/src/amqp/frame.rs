@@ -137,6 +137,14 @@ impl ContentHeader {
         self.raw_properties.as_ref()
     }
 
+    /// Gives the raw property octets an allocation of their own. Decoded octets share the
+    /// connection's read buffer; compact headers kept beyond the current batch.
+    pub fn compact(&mut self) {
+        if let Some(raw) = &self.raw_properties {
+            self.raw_properties = Some(Bytes::copy_from_slice(raw));
+        }
+    }
+
     /// Replaces the properties; the encoder then serializes them instead of the raw octets.
     pub fn set_properties(&mut self, properties: BasicProperties) {
         self.properties = properties;

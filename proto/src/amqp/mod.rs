@@ -79,8 +79,8 @@
 //!   ([`FrameError::NestingTooDeep`]): the generated parser recurses.
 //! - Once a connection has sent `connection.close`, RabbitMQ only looks at methods on channel
 //!   0 until `close-ok`: ignore non-fatal decode errors and other frames then.
-//! - Body fragments share the read buffer; copy bodies kept in memory with
-//!   [`MessageBody::to_compact_bytes`]. Use `ShortString::try_new` (not `From`, which panics
+//! - Body fragments and raw properties share the read buffer; copy what is kept in memory
+//!   with [`MessageBody::to_compact_bytes`] and [`ContentHeader::compact`]. Use `ShortString::try_new` (not `From`, which panics
 //!   beyond 255 octets) for names derived from input.
 
 mod content;
