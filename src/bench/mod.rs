@@ -251,11 +251,28 @@ async fn delete_queues(uri: &str, queues: &[String]) {
 /// Run the benchmark described by `args`.
 #[allow(clippy::print_stdout)]
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let report = execute(&args).await?;
+    print!("{}", report.to_text());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.totals.nacked > 0 {
+        eprintln!(
+            "warning: the broker nacked {} publishes",
+            report.totals.nacked
+        );
+    }
+    Ok(())
+}
+
+/// Declare, run and tear down one benchmark, returning its report.
+async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     args.validate()?;
     let queues = args.queue_names();
     let cpu_at_start = report::process_cpu_seconds();
     if !args.predeclared {
-        declare_queues(&args, &queues).await?;
+        declare_queues(args, &queues).await?;
     }
 
     // The run gets a runtime of its own. With the default of one thread, every producer and
@@ -282,18 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    print!("{}", report.to_text());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if report.totals.nacked > 0 {
-        eprintln!(
-            "warning: the broker nacked {} publishes",
-            report.totals.nacked
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// Connect everyone, publish for the duration, drain, and build the report.
@@ -469,6 +475,89 @@ mod tests {
             Ok(cli) => cli.bench,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// A Warren compute node with in-memory queues on a free loopback port.
+    async fn in_memory_broker() -> (warren_compute::server::ComputeNode, String) {
+        let mut config =
+            warren_compute::config::ComputeConfig::new(warren_common::config::TlsPaths {
+                ca_cert: "unused".into(),
+                cert: "unused".into(),
+                key: "unused".into(),
+            });
+        config.amqp_listen = "127.0.0.1:0".parse().expect("loopback address");
+        let node = warren_compute::server::ComputeNode::start_in_memory(config)
+            .await
+            .expect("in-memory compute node starts");
+        let uri = format!("amqp://guest:guest@{}/%2f", node.local_addr());
+        (node, uri)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn confirmed_manual_ack_run_accounts_for_every_message() {
+        let (node, uri) = in_memory_broker().await;
+        let args = parse(&[
+            "--uri",
+            &uri,
+            "-x",
+            "2",
+            "-y",
+            "2",
+            "--queues",
+            "bench-test-%d",
+            "--queue-pattern-to",
+            "2",
+            "--confirm",
+            "10",
+            "--persistent",
+            "--prefetch",
+            "20",
+            "--multi-ack-every",
+            "5",
+            "--rate",
+            "300",
+            "--duration",
+            "1",
+            "--quiet",
+        ]);
+        let report = execute(&args).await.expect("bench run");
+        node.stop().await;
+        let t = report.totals;
+        assert!(t.published > 0, "{t:?}");
+        assert_eq!(t.confirmed + t.nacked, t.published, "{t:?}");
+        assert_eq!(t.consumed, t.published, "{t:?}");
+        assert!(report.drained);
+        assert_eq!(report.confirm_latency_us.count, t.confirmed);
+        assert_eq!(report.e2e_latency_us.count, t.consumed);
+        assert!(report.confirm_latency_us.p50 <= report.confirm_latency_us.max);
+        assert_eq!(report.setup.queues, vec!["bench-test-1", "bench-test-2"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_ack_run_without_confirms_drains() {
+        let (node, uri) = in_memory_broker().await;
+        let args = parse(&[
+            "--uri",
+            &uri,
+            "--auto-ack",
+            "--queue-durable",
+            "false",
+            "--rate",
+            "500",
+            "--duration",
+            "1",
+            "--quiet",
+            "--size",
+            "16",
+        ]);
+        let report = execute(&args).await.expect("bench run");
+        node.stop().await;
+        let t = report.totals;
+        assert!(t.published > 0, "{t:?}");
+        assert_eq!((t.confirmed, t.consumed), (0, t.published), "{t:?}");
+        assert!(report.drained);
+        assert_eq!(report.confirm_latency_us.count, 0);
+        assert_eq!(report.e2e_latency_us.count, t.published);
     }
 
     #[test]
