@@ -30,6 +30,8 @@ use handshake::{ClientCaps, LoginError};
 const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// How long to wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for the client to close the socket after connection.close-ok.
+const CLIENT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// RabbitMQ's handshake_timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events handled per wakeup before the socket gets another turn.
@@ -66,6 +68,8 @@ pub struct Conn {
     closing: Option<Instant>,
     /// Stop after the write buffer drains.
     finished: bool,
+    /// The client sent connection.close: it closes the socket after close-ok.
+    client_closed: bool,
     wrote_since_tick: bool,
     last_read: Instant,
     pub(crate) route_buf: Vec<String>,
@@ -102,6 +106,7 @@ where
         exclusive_queues: Vec::new(),
         closing: None,
         finished: false,
+        client_closed: false,
         wrote_since_tick: false,
         last_read: Instant::now(),
         route_buf: Vec::new(),
@@ -124,6 +129,14 @@ where
         info!(peer = %conn.peer, user = %conn.user, vhost = %conn.vhost, conn = conn.id, "accepted AMQP connection");
         let End::Done = conn.run(&mut rd, &mut wr).await;
         conn.cleanup().await;
+        if conn.client_closed {
+            // As RabbitMQ: after close-ok the client closes the socket; wait (bounded) for it.
+            let mut sink = [0u8; 512];
+            let _ = tokio::time::timeout(CLIENT_CLOSE_TIMEOUT, async {
+                while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
         info!(peer = %conn.peer, conn = conn.id, "closed AMQP connection");
     }
     let _ = wr.shutdown().await;
@@ -784,6 +797,7 @@ impl Conn {
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
                 self.finished = true;
+                self.client_closed = true;
                 Ok(())
             }
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
