@@ -73,6 +73,9 @@ pub struct Conn {
     wrote_since_tick: bool,
     last_read: Instant,
     pub(crate) route_buf: Vec<String>,
+    /// Commands for queue owners gathered while handling one read, sent as one batch per
+    /// queue before anything else talks to those queues.
+    outbox: Vec<(QueueHandle, Vec<QueueCmd>)>,
 }
 
 /// Serve one accepted socket until it closes.
@@ -110,6 +113,7 @@ where
         wrote_since_tick: false,
         last_read: Instant::now(),
         route_buf: Vec::new(),
+        outbox: Vec::new(),
         node,
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -501,6 +505,49 @@ impl Conn {
 
     /// Decode and handle every complete frame in the read buffer.
     async fn process_input(&mut self) {
+        self.process_frames().await;
+        self.flush_outbox().await;
+    }
+
+    /// Queue a command for an owner; sent by [`Conn::flush_outbox`].
+    pub(crate) fn post(&mut self, q: &QueueHandle, cmd: QueueCmd) {
+        let id = q.shared().id;
+        match self.outbox.iter_mut().find(|(h, _)| h.shared().id == id) {
+            Some((_, cmds)) => cmds.push(cmd),
+            None => self.outbox.push((q.clone(), vec![cmd])),
+        }
+    }
+
+    /// Send what [`Conn::post`] gathered: one command per queue.
+    pub(crate) async fn flush_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        for (q, mut cmds) in std::mem::take(&mut self.outbox) {
+            let cmd = if cmds.len() == 1 {
+                cmds.pop().unwrap_or(QueueCmd::Wake)
+            } else {
+                QueueCmd::Batch(cmds)
+            };
+            if let Err(mpsc::error::SendError(cmd)) = q.0.tx.send(cmd).await {
+                // Deleted under us: RabbitMQ confirms messages routed to a deleted queue.
+                self.queue_cache.remove(&q.shared().name);
+                let mut confirms = Vec::new();
+                collect_confirms(cmd, &mut confirms);
+                for (channel, seq) in confirms {
+                    if let Some(ch) = self.channels.get_mut(&channel.channel)
+                        && ch.key == channel
+                        && let Some(t) = ch.confirms.as_mut()
+                    {
+                        t.settle(&[seq], true);
+                    }
+                    self.write_confirms(channel.channel);
+                }
+            }
+        }
+    }
+
+    async fn process_frames(&mut self) {
         loop {
             if self.finished {
                 return;
@@ -570,6 +617,8 @@ impl Conn {
 
     /// Tell every queue the channel touched that it is gone (requeue, drop consumers).
     pub(crate) async fn release_channel(&mut self, channel: u16) {
+        // Acks and publishes already made on it go first.
+        self.flush_outbox().await;
         let Some(ch) = self.channels.get_mut(&channel) else {
             return;
         };
@@ -824,6 +873,18 @@ impl Conn {
     }
 
     async fn on_channel_method(&mut self, id: u16, m: AMQPClass) -> Result<(), AmqpError> {
+        // Settlements ride in the outbox with publishes; anything else may talk to the same
+        // queues directly, so what was gathered goes first.
+        if !matches!(
+            m,
+            AMQPClass::Basic(
+                basic::AMQPMethod::Ack(_)
+                    | basic::AMQPMethod::Nack(_)
+                    | basic::AMQPMethod::Reject(_)
+            )
+        ) {
+            self.flush_outbox().await;
+        }
         match m {
             AMQPClass::Channel(c) => self.on_channel_class(id, c).await,
             AMQPClass::Exchange(x) => self.on_exchange(id, x).await,
@@ -1025,7 +1086,7 @@ impl Conn {
                     requeue: false,
                 },
             };
-            q.send(cmd).await;
+            self.post(&q, cmd);
         }
         if limiter.release(released) {
             self.wake_consumers(id).await;
@@ -1053,7 +1114,7 @@ impl Conn {
             .map(|c| c.queue.clone())
             .collect();
         for q in queues {
-            q.send(QueueCmd::Wake).await;
+            self.post(&q, QueueCmd::Wake);
         }
     }
 
@@ -1093,4 +1154,18 @@ pub(crate) enum FrameOrIo {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+fn collect_confirms(cmd: QueueCmd, out: &mut Vec<(ChannelKey, u64)>) {
+    match cmd {
+        QueueCmd::Publish {
+            confirm: Some(c), ..
+        } => out.push((c.channel, c.seq)),
+        QueueCmd::Batch(cmds) => {
+            for c in cmds {
+                collect_confirms(c, out);
+            }
+        }
+        _ => {}
+    }
 }

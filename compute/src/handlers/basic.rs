@@ -440,21 +440,13 @@ impl Conn {
                 channel: key,
                 seq,
             });
-            if !q
-                .send(QueueCmd::Publish {
+            self.post(
+                &q,
+                QueueCmd::Publish {
                     msg: msg.clone(),
                     confirm,
-                })
-                .await
-            {
-                // Deleted under us: RabbitMQ confirms messages routed to a deleted queue.
-                self.queue_cache.remove(&q.shared().name);
-                if let (Some(seq), Ok(ch)) = (seq, self.ch(id))
-                    && let Some(t) = ch.confirms.as_mut()
-                {
-                    t.settle(&[seq], true);
-                }
-            }
+                },
+            );
         }
         if seq.is_some() {
             self.write_confirms(id);

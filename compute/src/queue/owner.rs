@@ -151,6 +151,9 @@ pub enum QueueCmd {
     },
     /// Credit came back on a channel-wide limit: try to deliver.
     Wake,
+    /// Several publishes, acks, rejects and wakes from one connection, in order: one
+    /// channel operation instead of one per message.
+    Batch(Vec<QueueCmd>),
 }
 
 /// Why queue.delete was refused.
@@ -355,6 +358,21 @@ async fn confirmer(
     }
 }
 
+/// Answer the confirms of publishes a stopped owner will never handle.
+fn confirm_dropped(cmd: QueueCmd, ok: bool) {
+    match cmd {
+        QueueCmd::Publish {
+            confirm: Some(c), ..
+        } => send_confirms(vec![c], ok),
+        QueueCmd::Batch(cmds) => {
+            for c in cmds {
+                confirm_dropped(c, ok);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn send_confirms(confirms: Vec<ConfirmTo>, ok: bool) {
     if confirms.is_empty() {
         return;
@@ -420,13 +438,8 @@ impl<L: QueueLog> Owner<L> {
         }
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
-            if let QueueCmd::Publish {
-                confirm: Some(c), ..
-            } = cmd
-            {
-                // The queue is gone; RabbitMQ confirms publishes routed to a deleted queue.
-                send_confirms(vec![c], reason != ExitReason::LogFailed);
-            }
+            // The queue is gone; RabbitMQ confirms publishes routed to a deleted queue.
+            confirm_dropped(cmd, reason != ExitReason::LogFailed);
         }
         debug!(queue = %self.handle.0.name, ?reason, "queue owner stopped");
         if let Some(f) = self.on_exit.take() {
@@ -508,6 +521,17 @@ impl<L: QueueLog> Owner<L> {
                 }
             }
             QueueCmd::Wake => {}
+            QueueCmd::Batch(cmds) => {
+                let mut stop = None;
+                for cmd in cmds {
+                    if stop.is_none() {
+                        stop = self.handle_cmd(cmd);
+                    } else {
+                        confirm_dropped(cmd, true);
+                    }
+                }
+                return stop;
+            }
         }
         None
     }
