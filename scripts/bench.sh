@@ -63,29 +63,37 @@ sys.exit(1)
 EOF
 }
 
-# "<cpu seconds> <pid,pid,...>" for the process tree rooted at $1: utime+stime of every live
-# process in it, plus cutime+cstime (children that already exited and were reaped).
+# A JSON object describing the process tree rooted at $1: for every live process in it, its
+# CPU seconds (utime+stime, plus cutime+cstime of children that already exited and were reaped)
+# and a short name; {} once the root is gone.
 tree_cpu() {
     python3 - "$1" <<'EOF'
-import os, sys
+import json, os, sys
 root = sys.argv[1]
 hz = os.sysconf("SC_CLK_TCK")
 stats, children = {}, {}
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         raw = open(f"/proc/{pid}/stat").read()
+        argv = open(f"/proc/{pid}/cmdline").read().split("\0")
     except OSError:
         continue
     f = raw[raw.rfind(")") + 2:].split()
-    stats[pid] = sum(int(x) for x in f[11:15])
+    # A recognisable name: the executable plus the config file for Warren's role processes.
+    name = os.path.basename(argv[0]) if argv and argv[0] else raw[raw.find("(") + 1:raw.rfind(")")]
+    if "--config" in argv[:-1]:
+        name += " " + os.path.basename(argv[argv.index("--config") + 1]).removesuffix(".toml")
+    elif len(argv) > 1 and argv[1] in ("dev", "storage", "compute"):
+        name += " " + argv[1]
+    stats[pid] = (sum(int(x) for x in f[11:15]) / hz, name)
     children.setdefault(f[1], []).append(pid)
-tree, todo = [], [root]
+tree, todo = {}, [root]
 while todo:
     pid = todo.pop()
     if pid in stats:
-        tree.append(pid)
+        tree[pid] = {"cpu_s": stats[pid][0], "name": stats[pid][1]}
         todo.extend(children.get(pid, []))
-print(f"{sum(stats[p] for p in tree) / hz:.3f} {','.join(tree) or '-'}")
+print(json.dumps(tree))
 EOF
 }
 
@@ -255,7 +263,7 @@ run_one() {
     shift 3
     local rabbit_before warren_before rabbit_after warren_after perf_out=""
     rabbit_before=$(tree_cpu "$RABBIT_PID")
-    warren_before=$( [ -n "$WPID" ] && tree_cpu "$WPID" || echo "0 -")
+    warren_before=$( [ -n "$WPID" ] && tree_cpu "$WPID" || echo "{}")
     if [ "$PERF_OK" = 1 ]; then
         perf_out="$WORK/results/$label.perf"
         perf record -q -a -e syscalls:sys_enter_fsync -e syscalls:sys_enter_fdatasync \
@@ -269,7 +277,7 @@ run_one() {
         --quiet --id "$label" --json "$WORK/results/$label.json" "$@" \
         >"$WORK/results/$label.txt" 2>&1 || status=$?
     rabbit_after=$(tree_cpu "$RABBIT_PID")
-    warren_after=$( [ -n "$WPID" ] && tree_cpu "$WPID" || echo "0 -")
+    warren_after=$( [ -n "$WPID" ] && tree_cpu "$WPID" || echo "{}")
     local fsyncs="{}"
     if [ -n "$PERF_PID" ]; then
         kill -INT "$PERF_PID" 2>/dev/null || true
@@ -285,20 +293,29 @@ run_one() {
         "$rabbit_before" "$rabbit_after" "$warren_before" "$warren_after" "$fsyncs" <<'EOF'
 import json, sys
 path, label, broker, status, rb, ra, wb, wa, fsyncs = sys.argv[1:]
-def parse(s):
-    cpu, pids = s.split(" ", 1)
-    return float(cpu), [] if pids.strip() == "-" else pids.strip().split(",")
-rb, ra, wb, wa = map(parse, (rb, ra, wb, wa))
+rb, ra, wb, wa = map(json.loads, (rb, ra, wb, wa))
 fsyncs = json.loads(fsyncs)
-def fsyncs_of(pids_before, pids_after):
-    pids = set(pids_before) | set(pids_after)
+
+def delta(before, after):
+    """CPU used during the run, in total and per process (by name, summed)."""
+    per = {}
+    for pid, p in after.items():
+        used = p["cpu_s"] - before.get(pid, {"cpu_s": 0.0})["cpu_s"]
+        per[p["name"]] = round(per.get(p["name"], 0.0) + used, 3)
+    return round(sum(per.values()), 3), per
+
+def fsyncs_of(before, after):
+    pids = set(before) | set(after)
     return sum(n for pid, n in fsyncs.items() if pid in pids)
+
+rabbit_cpu, rabbit_per = delta(rb, ra)
+warren_cpu, warren_per = delta(wb, wa)
 json.dump({
     "label": label, "broker": broker, "exit_status": int(status),
-    "rabbitmq_cpu_s": round(ra[0] - rb[0], 3),
-    "warren_cpu_s": round(wa[0] - wb[0], 3),
-    "rabbitmq_fsyncs": fsyncs_of(rb[1], ra[1]) if fsyncs else None,
-    "warren_fsyncs": fsyncs_of(wb[1], wa[1]) if fsyncs else None,
+    "rabbitmq_cpu_s": rabbit_cpu, "rabbitmq_cpu_by_process": rabbit_per,
+    "warren_cpu_s": warren_cpu, "warren_cpu_by_process": warren_per,
+    "rabbitmq_fsyncs": fsyncs_of(rb, ra) if fsyncs else None,
+    "warren_fsyncs": fsyncs_of(wb, wa) if fsyncs else None,
 }, open(path, "w"))
 EOF
 }
@@ -392,6 +409,7 @@ for line in open(os.path.join(work, "scenarios.tsv")):
                      if broker == "rabbitmq" else ("durable" if durable == "true" else "non-durable"),
             "report": report,
             "broker_cpu_s": cpu,
+            "broker_cpu_by_process": meta[f"{broker}_cpu_by_process"],
             "broker_cpu_us_per_msg": round(cpu * 1e6 / published, 1) if published else None,
             "other_broker_cpu_s": meta["warren_cpu_s" if broker == "rabbitmq" else "rabbitmq_cpu_s"],
             "fsyncs": fsyncs,
