@@ -276,3 +276,107 @@ async fn wrong_credentials_are_refused_with_403() {
     assert!(result.is_err(), "lapin connected with a wrong password");
     assert_broker_serves(broker.url()).await.unwrap();
 }
+
+#[tokio::test]
+async fn frame_claiming_two_gigabytes_is_refused_before_its_payload() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    // Only the 7-byte header: the broker must judge the size without waiting for (or
+    // allocating) two gigabytes.
+    let mut header = vec![raw::FRAME_METHOD];
+    header.extend(1u16.to_be_bytes());
+    header.extend(0x7fff_ffffu32.to_be_bytes());
+    header.extend([0u8; 16]);
+    conn.send_raw(&header).unwrap();
+    let close = conn.expect_connection_close().unwrap();
+    assert_eq!(close.code, FRAME_ERROR, "{close:?}");
+    assert_closed(&mut conn);
+    assert_broker_serves(broker.url()).await.unwrap();
+}
+
+#[tokio::test]
+async fn huge_declared_body_size_does_not_take_the_broker_down() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    let queue = warren_tests::unique_name("huge-body");
+    conn.send_method(1, 60, 40, &raw::publish_args("", &queue))
+        .unwrap();
+    conn.send_frame(raw::FRAME_HEADER, 1, &raw::content_header(1 << 40))
+        .unwrap();
+    conn.send_frame(raw::FRAME_BODY, 1, b"a little of a terabyte")
+        .unwrap();
+    // RabbitMQ keeps waiting for the rest; refusing it is fine too. Either way the broker
+    // must not try to hold a terabyte, and others must still be served.
+    assert_broker_serves(broker.url()).await.unwrap();
+}
+
+#[tokio::test]
+async fn method_where_content_header_is_expected_is_an_unexpected_frame() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    conn.send_method(1, 60, 40, &raw::publish_args("", "anywhere"))
+        .unwrap();
+    conn.send_method(1, 20, 10, &raw::shortstr("")).unwrap();
+    let close = conn.expect_connection_close().unwrap();
+    assert_eq!(close.code, UNEXPECTED_FRAME, "{close:?}");
+    assert_eq!((close.class_id, close.method_id), (60, 40), "{close:?}");
+    assert_closed(&mut conn);
+    assert_broker_serves(broker.url()).await.unwrap();
+}
+
+#[tokio::test]
+async fn content_header_of_another_class_is_an_unexpected_frame() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    conn.send_method(1, 60, 40, &raw::publish_args("", "anywhere"))
+        .unwrap();
+    let mut header = raw::content_header(3);
+    header[..2].copy_from_slice(&50u16.to_be_bytes());
+    conn.send_frame(raw::FRAME_HEADER, 1, &header).unwrap();
+    let close = conn.expect_connection_close().unwrap();
+    assert_eq!(close.code, UNEXPECTED_FRAME, "{close:?}");
+    assert_closed(&mut conn);
+    assert_broker_serves(broker.url()).await.unwrap();
+}
+
+#[tokio::test]
+async fn heartbeat_on_a_channel_other_than_zero_is_an_unexpected_frame() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    conn.send_frame(raw::FRAME_HEARTBEAT, 1, &[]).unwrap();
+    let close = conn.expect_connection_close().unwrap();
+    assert_eq!(close.code, UNEXPECTED_FRAME, "{close:?}");
+    assert_closed(&mut conn);
+    assert_broker_serves(broker.url()).await.unwrap();
+}
+
+/// RabbitMQ (3.10) drops the connection on a field table with an unknown type tag; a
+/// `connection.close` with 501 FRAME_ERROR or 502 SYNTAX_ERROR is accepted as well.
+#[tokio::test]
+async fn malformed_field_table_ends_the_connection() {
+    let broker = broker();
+    let mut conn = open(&broker);
+    let mut entries = raw::shortstr("x-bad");
+    entries.extend([b'Z', 0]);
+    let mut args = 0u16.to_be_bytes().to_vec();
+    args.extend(raw::shortstr("bad-table"));
+    args.push(0b0000_1100);
+    args.extend(raw::table(&entries));
+    conn.send_method(1, 50, 10, &args).unwrap();
+    match conn.read_frame().unwrap() {
+        None => {}
+        Some(Frame::Method {
+            channel: 0,
+            class: 10,
+            method: 50,
+            args,
+        }) => {
+            let close = raw::parse_close(&args).unwrap();
+            assert!([FRAME_ERROR, 502].contains(&close.code), "{close:?}");
+            let _ = conn.send_method(0, 10, 51, &[]);
+            assert_closed(&mut conn);
+        }
+        Some(other) => panic!("unexpected answer {other:?}"),
+    }
+    assert_broker_serves(broker.url()).await.unwrap();
+}
