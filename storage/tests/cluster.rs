@@ -220,3 +220,60 @@ async fn a_deleted_log_fences_its_writer_and_cannot_be_acquired() {
         Err(StorageError::NotFound(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_member_is_replaced_by_a_spare_node() {
+    use warren_storage::meta::{self, LogMeta, NODES_KEY, NodeRegistry};
+    let mut cluster = Cluster::start(4).await;
+    let client = cluster.client().await;
+    let log = LogId::random();
+    let w = client.acquire_log(log).await.unwrap();
+    let first = payloads("a", 30);
+    append_all(&w, &first).await;
+
+    // Which cluster nodes hold the open segment?
+    let regs = client.registers();
+    let registry: NodeRegistry =
+        meta::decode(&regs.get(NODES_KEY).await.unwrap().unwrap()).unwrap();
+    let desc: LogMeta =
+        meta::decode(&regs.get(&meta::log_key(log)).await.unwrap().unwrap()).unwrap();
+    let index_of = |id: &warren_common::NodeId| {
+        let name = &registry.nodes[id].name;
+        cluster
+            .nodes
+            .iter()
+            .position(|n| &n.config.name == name)
+            .unwrap()
+    };
+    let first_ensemble = desc.segments.last().unwrap().ensemble.clone();
+    let members: Vec<usize> = desc
+        .segments
+        .last()
+        .unwrap()
+        .ensemble
+        .iter()
+        .map(index_of)
+        .collect();
+    assert_eq!(members.len(), 3);
+
+    cluster.stop(members[0]).await;
+    let second = payloads("b", 30);
+    append_all(&w, &second).await;
+    let desc: LogMeta =
+        meta::decode(&regs.get(&meta::log_key(log)).await.unwrap().unwrap()).unwrap();
+    assert!(desc.segments.len() >= 2, "no ensemble change recorded");
+    let stopped = first_ensemble[0];
+    assert!(!desc.segments.last().unwrap().ensemble.contains(&stopped));
+    // Losing a second original member leaves only one copy of the old ensemble: appends
+    // can only go on because the first loss moved the log to a new ensemble.
+    cluster.stop(members[1]).await;
+    let third = payloads("c", 30);
+    tokio::time::timeout(std::time::Duration::from_secs(120), append_all(&w, &third))
+        .await
+        .expect("appends stalled: the failed member was not replaced");
+
+    // With two of four nodes down the registers have no majority, but the data plane
+    // needs none: reads and appends go on.
+    let all: Vec<Bytes> = first.into_iter().chain(second).chain(third).collect();
+    assert_eq!(read_all(&w).await, all);
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use warren_common::{Epoch, LogId, SegmentId};
+use warren_common::{Epoch, LogId, NodeId, SegmentId};
 use warren_proto::internal::data::{Request, Response};
 
 use super::transport::{Conn, ReplyTo};
@@ -327,24 +327,37 @@ struct Core {
     st: Mutex<WriterState>,
 }
 
+type Waiter = oneshot::Sender<Result<LogPosition, StorageError>>;
+
 struct WriterState {
     meta: LogMeta,
     seg_index: u32,
     segment: SegmentMeta,
+    // Bumped at every switch to a new segment; replies and reconnects for an older
+    // segment are recognised by it and ignored.
+    generation: u16,
     conns: Vec<Option<Arc<Conn>>>,
     reconnecting: Vec<bool>,
     quorum: AppendQuorum,
     // One per unresolved entry, in entry order.
-    waiters: VecDeque<oneshot::Sender<Result<LogPosition, StorageError>>>,
+    waiters: VecDeque<Waiter>,
+    // While the ensemble changes, appends wait here (with the unresolved entries of the
+    // old segment first), to be sent to the new segment in order.
+    parked: Option<Vec<(Bytes, Waiter)>>,
     fenced: Option<String>,
 }
 
-fn tag(member: usize, entry: u64) -> u64 {
-    (entry << 8) | member as u64
+// Reply tag: segment generation (16 bits), member (8 bits), entry id (40 bits).
+fn tag(generation: u16, member: usize, entry: u64) -> u64 {
+    (u64::from(generation) << 48) | ((member as u64 & 0xff) << 40) | (entry & ((1 << 40) - 1))
 }
 
-fn untag(tag: u64) -> (usize, u64) {
-    ((tag & 0xff) as usize, tag >> 8)
+fn untag(tag: u64) -> (u16, usize, u64) {
+    (
+        (tag >> 48) as u16,
+        ((tag >> 40) & 0xff) as usize,
+        tag & ((1 << 40) - 1),
+    )
 }
 
 impl Core {
@@ -362,8 +375,16 @@ impl Core {
                     lac: s.lac,
                     payload: s.payload,
                 },
-                ReplyTo::Queue(self.replies.clone(), tag(s.member, s.entry)),
+                ReplyTo::Queue(self.replies.clone(), tag(st.generation, s.member, s.entry)),
             );
+        }
+    }
+
+    fn push(&self, st: &mut WriterState, payload: Bytes, waiter: Waiter) {
+        let (_, sends) = st.quorum.push(payload);
+        st.waiters.push_back(waiter);
+        for s in sends {
+            self.send(st, s);
         }
     }
 
@@ -375,13 +396,16 @@ impl Core {
         for w in st.waiters.drain(..) {
             let _ = w.send(Err(StorageError::Fenced(reason.clone())));
         }
+        for (_, w) in st.parked.take().unwrap_or_default() {
+            let _ = w.send(Err(StorageError::Fenced(reason.clone())));
+        }
         st.fenced = Some(reason);
     }
 
     fn on_reply(self: &Arc<Self>, tag: u64, result: Result<Response, StorageError>) {
-        let (member, entry) = untag(tag);
+        let (generation, member, entry) = untag(tag);
         let mut st = self.lock();
-        if st.fenced.is_some() {
+        if st.fenced.is_some() || generation != st.generation || st.parked.is_some() {
             return;
         }
         match result {
@@ -404,19 +428,192 @@ impl Core {
             other => {
                 st.quorum.on_member_down(member);
                 st.conns[member] = None;
-                if !st.reconnecting[member] {
-                    tracing::debug!(log = %self.log, member, answer = ?other, "ensemble member failed");
-                    st.reconnecting[member] = true;
-                    tokio::spawn(reconnect(Arc::downgrade(self), member));
+                if st.reconnecting[member] {
+                    return;
+                }
+                let node = st.segment.ensemble[member];
+                tracing::debug!(log = %self.log, %node, answer = ?other, "ensemble member failed");
+                self.client.mark_failed(node);
+                st.reconnecting[member] = true;
+                tokio::spawn(reconnect(Arc::downgrade(self), st.generation, member));
+                // A healthy spare node means the segment can get back to full replication
+                // at once instead of waiting for this member.
+                let spare = self
+                    .client
+                    .candidates()
+                    .iter()
+                    .any(|c| c.live && !st.segment.ensemble.contains(&c.id));
+                if spare {
+                    self.start_ensemble_change(&mut st);
                 }
             }
         }
     }
+
+    /// Freeze the current segment at its last resolved entry and move every unresolved
+    /// entry to the parking list; [`change_ensemble`] then seals it and opens a new one.
+    fn start_ensemble_change(self: &Arc<Self>, st: &mut WriterState) {
+        if st.parked.is_some() {
+            return;
+        }
+        let payloads = st.quorum.take_unresolved();
+        let parked = payloads.into_iter().zip(st.waiters.drain(..)).collect();
+        st.parked = Some(parked);
+        tokio::spawn(change_ensemble(Arc::downgrade(self)));
+    }
+}
+
+/// Seal the frozen segment at its last resolved entry and continue in a new segment on
+/// healthy nodes (RFC 0001, "Ensemble change"): one CAS conditional on our epoch.
+async fn change_ensemble(core: Weak<Core>) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let Some(core) = core.upgrade() else { return };
+        let (old, end, down) = {
+            let st = core.lock();
+            if st.fenced.is_some() {
+                return;
+            }
+            let down: Vec<_> = (0..st.segment.ensemble.len())
+                .filter(|m| st.quorum.is_down(*m))
+                .map(|m| st.segment.ensemble[m])
+                .collect();
+            (st.segment.clone(), st.quorum.resolved(), down)
+        };
+        match switch_segment(&core, &old, end, &down).await {
+            Ok(()) => return,
+            Err(StorageError::Fenced(reason)) => {
+                let mut st = core.lock();
+                core.fence(&mut st, reason);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(log = %core.log, error = %e, "ensemble change failed; retrying");
+            }
+        }
+        drop(core);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn switch_segment(
+    core: &Arc<Core>,
+    old: &SegmentMeta,
+    end: u64,
+    down: &[NodeId],
+) -> Result<(), StorageError> {
+    let client = &core.client;
+    let repl = client.config.replication;
+    let id = SegmentId(rand::random());
+    let candidates = client.candidates();
+    let mut ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, down);
+    if ensemble.len() < repl.ack_quorum {
+        ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, &[]);
+    }
+    if ensemble.len() < repl.ack_quorum {
+        return Err(StorageError::Unavailable(
+            "too few storage nodes for a new ensemble".into(),
+        ));
+    }
+    let segment = SegmentMeta {
+        id,
+        epoch: core.epoch,
+        ensemble,
+        ack_quorum: repl.ack_quorum,
+        end: None,
+    };
+    let (log, epoch) = (core.log, core.epoch);
+    let written = client
+        .registers
+        .update(&meta::log_key(log), |cur| {
+            let mut m = decode_meta(cur)?
+                .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
+            if m.epoch != epoch || m.deleted {
+                return Err(StorageError::Fenced(format!(
+                    "log {log} taken over at {}",
+                    m.epoch
+                )));
+            }
+            match m.segments.last_mut() {
+                Some(last) if last.id == old.id => {
+                    if end == 0 {
+                        m.segments.pop();
+                    } else {
+                        last.end = Some(end);
+                    }
+                }
+                // An earlier attempt of ours landed after it timed out: its new segment is
+                // open and unused (its entries were never sent); replace it.
+                Some(last) if last.epoch == epoch && last.end.is_none() => {
+                    m.segments.pop();
+                }
+                _ => {}
+            }
+            if m.segments.last().is_some_and(|s| s.end.is_none()) {
+                return Err(StorageError::Corrupt(format!(
+                    "log {log}: unexpected open segment during ensemble change"
+                )));
+            }
+            m.segments.push(segment.clone());
+            Ok(Some(meta::encode(&m)))
+        })
+        .await??;
+    let m = decode_meta(written.as_ref())?
+        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
+    let n = segment.ensemble.len();
+    let mut conns = vec![None; n];
+    let mut calls = JoinSet::new();
+    for (i, node) in segment.ensemble.iter().enumerate() {
+        let (client, node) = (client.clone(), *node);
+        calls.spawn(async move { (i, client.node_conn(node).await) });
+    }
+    while let Some(Ok((i, c))) = calls.join_next().await {
+        conns[i] = c.ok();
+    }
+    {
+        let mut st = core.lock();
+        if st.fenced.is_some() {
+            return Ok(());
+        }
+        st.seg_index = m.next_index() - 1;
+        st.meta = m;
+        st.segment = segment;
+        st.generation = st.generation.wrapping_add(1);
+        st.conns = conns;
+        st.reconnecting = vec![false; n];
+        st.quorum = AppendQuorum::new(n, st.segment.ack_quorum.min(n), 0);
+        for (payload, waiter) in st.parked.take().unwrap_or_default() {
+            core.push(&mut st, payload, waiter);
+        }
+        for m in 0..n {
+            if st.conns[m].is_none() {
+                st.quorum.on_member_down(m);
+                st.reconnecting[m] = true;
+                tokio::spawn(reconnect(Arc::downgrade(core), st.generation, m));
+            }
+        }
+        tracing::info!(log = %log, segment = st.seg_index, sealed_at = end, "ensemble changed");
+    }
+    let req = if end == 0 {
+        Request::Delete { segment: old.id.0 }
+    } else {
+        Request::Seal {
+            segment: old.id.0,
+            end,
+        }
+    };
+    for node in &old.ensemble {
+        if !down.contains(node) {
+            let _ = client.node_request(*node, req.clone()).await;
+        }
+    }
+    Ok(())
 }
 
 /// Bring a failed ensemble member back: reconnect (re-reading the registry, since a
 /// restarted node may listen elsewhere) and resend what it missed.
-async fn reconnect(core: Weak<Core>, member: usize) {
+async fn reconnect(core: Weak<Core>, generation: u16, member: usize) {
     let mut delay = Duration::from_millis(100);
     loop {
         tokio::time::sleep(delay).await;
@@ -424,7 +621,7 @@ async fn reconnect(core: Weak<Core>, member: usize) {
         let Some(core) = core.upgrade() else { return };
         let node = {
             let st = core.lock();
-            if st.fenced.is_some() {
+            if st.fenced.is_some() || st.generation != generation {
                 return;
             }
             st.segment.ensemble[member]
@@ -433,6 +630,9 @@ async fn reconnect(core: Weak<Core>, member: usize) {
             continue;
         };
         let mut st = core.lock();
+        if st.generation != generation {
+            return;
+        }
         st.conns[member] = Some(conn);
         st.reconnecting[member] = false;
         let resend = st.quorum.on_member_up(member);
@@ -478,10 +678,12 @@ impl LogWriter {
                 meta,
                 seg_index,
                 segment,
+                generation: 0,
                 conns,
                 reconnecting: vec![false; n],
                 quorum,
                 waiters: VecDeque::new(),
+                parked: None,
                 fenced: None,
             }),
         });
@@ -491,7 +693,7 @@ impl LogWriter {
                 if st.conns[m].is_none() {
                     st.quorum.on_member_down(m);
                     st.reconnecting[m] = true;
-                    tokio::spawn(reconnect(Arc::downgrade(&core), m));
+                    tokio::spawn(reconnect(Arc::downgrade(&core), 0, m));
                 }
             }
         }
@@ -511,10 +713,16 @@ impl LogWriter {
         self.core.epoch
     }
 
-    /// Append one entry. The position is assigned when this is called (so appends made in
-    /// order get increasing positions); the returned future resolves once `ack_quorum`
-    /// storage nodes have the entry on disk. Many appends may be in flight at once; they
-    /// resolve in position order. `Err(Fenced)` means a newer owner exists: stop serving.
+    /// The log this writer writes.
+    pub fn log_id(&self) -> LogId {
+        self.core.log
+    }
+
+    /// Append one entry. Appends made in order get increasing positions and resolve in
+    /// that order, once `ack_quorum` storage nodes have the entry on disk; many may be in
+    /// flight at once. The position is the one the future resolves with: an ensemble change
+    /// (a failed storage node replaced) moves unacknowledged entries to the next segment,
+    /// keeping their order. `Err(Fenced)` means a newer owner exists: stop serving.
     pub fn append(
         &self,
         payload: Bytes,
@@ -525,12 +733,11 @@ impl LogWriter {
             let mut st = core.lock();
             if let Some(reason) = &st.fenced {
                 Some(StorageError::Fenced(reason.clone()))
+            } else if let Some(parked) = st.parked.as_mut() {
+                parked.push((payload, tx));
+                None
             } else {
-                let (_, sends) = st.quorum.push(payload);
-                st.waiters.push_back(tx);
-                for s in sends {
-                    core.send(&st, s);
-                }
+                core.push(&mut st, payload, tx);
                 None
             }
         };
