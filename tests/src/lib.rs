@@ -124,7 +124,6 @@ pub struct WarrenDev {
     amqp_url: String,
     amqp_port: u16,
     http_port: u16,
-    starts: u32,
 }
 
 impl WarrenDev {
@@ -140,7 +139,6 @@ impl WarrenDev {
             amqp_url: String::new(),
             amqp_port: 0,
             http_port: 0,
-            starts: 0,
         };
         dev.spawn()?;
         Ok(dev)
@@ -181,12 +179,34 @@ impl WarrenDev {
             .with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// The pid of a running child of this cluster (never a recycled pid of another process).
+    fn live_child(&self, role: &str, n: usize) -> anyhow::Result<u32> {
+        let pid = self.pid(role, n)?;
+        let supervisor = self
+            .supervisor_pid()
+            .context("the cluster is not running")?;
+        if !is_child_of(pid, supervisor) {
+            bail!("{role}-{n} (pid {pid}) is not running under this cluster");
+        }
+        Ok(pid)
+    }
+
     /// SIGKILL storage node `n` (the rest of the cluster keeps running).
     pub fn kill_storage(&self, n: usize) -> anyhow::Result<()> {
-        let pid = self.pid("storage", n)?;
+        let pid = self.live_child("storage", n)?;
         send_signal(pid, "KILL", false)?;
         wait_gone(pid, false, Duration::from_secs(10));
         Ok(())
+    }
+
+    /// SIGSTOP a child, e.g. `pause("storage", 0)`: it keeps its sockets but answers nothing.
+    pub fn pause(&self, role: &str, n: usize) -> anyhow::Result<()> {
+        send_signal(self.live_child(role, n)?, "STOP", false)
+    }
+
+    /// SIGCONT a child paused with [`WarrenDev::pause`].
+    pub fn resume(&self, role: &str, n: usize) -> anyhow::Result<()> {
+        send_signal(self.live_child(role, n)?, "CONT", false)
     }
 
     /// SIGKILL the supervisor and every child at once, as a power cut would.
@@ -269,7 +289,6 @@ impl WarrenDev {
         let bin = warren_bin()?;
         self.amqp_port = free_port()?;
         self.http_port = free_port()?;
-        self.starts += 1;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
