@@ -277,3 +277,33 @@ async fn a_failed_member_is_replaced_by_a_spare_node() {
     let all: Vec<Bytes> = first.into_iter().chain(second).chain(third).collect();
     assert_eq!(read_all(&w).await, all);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_segments_roll_over_and_trim_frees_whole_segments() {
+    let cluster = Cluster::start(3).await;
+    let client = cluster.client().await;
+    client.set_segment_roll_bytes(1000);
+    let log = LogId::random();
+    let w = client.acquire_log(log).await.unwrap();
+    let data: Vec<Bytes> = (0..60).map(|i| Bytes::from(format!("{i:0>100}"))).collect();
+    let positions = append_all(&w, &data).await;
+    assert!(positions.windows(2).all(|p| p[0] < p[1]));
+    let segments = positions.last().unwrap().segment - positions[0].segment + 1;
+    assert!(segments >= 4, "only {segments} segments for 6000 bytes");
+    assert_eq!(read_all(&w).await, data);
+
+    // Trim below the 30th entry: whole segments before its segment go.
+    let cut = positions[30];
+    w.trim(cut).await.unwrap();
+    assert_eq!(w.start().segment, cut.segment);
+    let rest = read_all(&w).await;
+    let kept = positions
+        .iter()
+        .filter(|p| p.segment >= cut.segment)
+        .count();
+    assert_eq!(rest, data[data.len() - kept..].to_vec());
+    // A new owner replays from the trim point.
+    let w2 = cluster.client().await.acquire_log(log).await.unwrap();
+    assert_eq!(w2.start().segment, cut.segment);
+    assert_eq!(read_all(&w2).await, rest);
+}

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -329,6 +330,17 @@ struct Core {
 
 type Waiter = oneshot::Sender<Result<LogPosition, StorageError>>;
 
+/// A move to a new segment: on a full segment (roll) or a failed member (ensemble change).
+struct Switch {
+    // Appends waiting for the new segment, in order (after a failure, the old segment's
+    // unresolved entries come first).
+    parked: VecDeque<(Bytes, Waiter)>,
+    // A roll lets the entries in flight resolve in the old segment before sealing it.
+    draining: bool,
+    // The seal-and-open CAS is running.
+    started: bool,
+}
+
 struct WriterState {
     meta: LogMeta,
     seg_index: u32,
@@ -341,9 +353,10 @@ struct WriterState {
     quorum: AppendQuorum,
     // One per unresolved entry, in entry order.
     waiters: VecDeque<Waiter>,
-    // While the ensemble changes, appends wait here (with the unresolved entries of the
-    // old segment first), to be sent to the new segment in order.
-    parked: Option<Vec<(Bytes, Waiter)>>,
+    // A switch to a new segment in progress, if any.
+    switch: Option<Switch>,
+    // Payload bytes sent to the current segment.
+    segment_bytes: u64,
     fenced: Option<String>,
 }
 
@@ -381,6 +394,7 @@ impl Core {
     }
 
     fn push(&self, st: &mut WriterState, payload: Bytes, waiter: Waiter) {
+        st.segment_bytes += payload.len() as u64;
         let (_, sends) = st.quorum.push(payload);
         st.waiters.push_back(waiter);
         for s in sends {
@@ -396,7 +410,7 @@ impl Core {
         for w in st.waiters.drain(..) {
             let _ = w.send(Err(StorageError::Fenced(reason.clone())));
         }
-        for (_, w) in st.parked.take().unwrap_or_default() {
+        for (_, w) in st.switch.take().map(|s| s.parked).unwrap_or_default() {
             let _ = w.send(Err(StorageError::Fenced(reason.clone())));
         }
         st.fenced = Some(reason);
@@ -405,7 +419,7 @@ impl Core {
     fn on_reply(self: &Arc<Self>, tag: u64, result: Result<Response, StorageError>) {
         let (generation, member, entry) = untag(tag);
         let mut st = self.lock();
-        if st.fenced.is_some() || generation != st.generation || st.parked.is_some() {
+        if st.fenced.is_some() || generation != st.generation {
             return;
         }
         match result {
@@ -417,6 +431,7 @@ impl Core {
                         let _ = w.send(Ok(LogPosition { segment, entry: e }));
                     }
                 }
+                self.maybe_switch(&mut st);
             }
             Ok(Response::Fenced { epoch }) => {
                 let reason = format!(
@@ -450,16 +465,52 @@ impl Core {
         }
     }
 
-    /// Freeze the current segment at its last resolved entry and move every unresolved
-    /// entry to the parking list; [`change_ensemble`] then seals it and opens a new one.
+    /// Start rolling to a new segment: later appends wait, those in flight resolve here.
+    fn start_roll(self: &Arc<Self>, st: &mut WriterState) {
+        if st.switch.is_none() {
+            st.switch = Some(Switch {
+                parked: VecDeque::new(),
+                draining: true,
+                started: false,
+            });
+            self.maybe_switch(st);
+        }
+    }
+
+    /// Move to a new ensemble now: the unresolved entries go to the new segment, ahead of
+    /// any parked appends.
     fn start_ensemble_change(self: &Arc<Self>, st: &mut WriterState) {
-        if st.parked.is_some() {
+        let sw = st.switch.get_or_insert_with(|| Switch {
+            parked: VecDeque::new(),
+            draining: false,
+            started: false,
+        });
+        if sw.started {
+            // The CAS is under way; nothing is in flight in the old segment any more.
             return;
         }
-        let payloads = st.quorum.take_unresolved();
-        let parked = payloads.into_iter().zip(st.waiters.drain(..)).collect();
-        st.parked = Some(parked);
-        tokio::spawn(change_ensemble(Arc::downgrade(self)));
+        sw.draining = false;
+        let moved: Vec<_> = st
+            .quorum
+            .take_unresolved()
+            .into_iter()
+            .zip(st.waiters.drain(..))
+            .collect();
+        for m in moved.into_iter().rev() {
+            sw.parked.push_front(m);
+        }
+        self.maybe_switch(st);
+    }
+
+    fn maybe_switch(self: &Arc<Self>, st: &mut WriterState) {
+        let idle = st.quorum.in_flight() == 0;
+        if let Some(sw) = st.switch.as_mut()
+            && !sw.started
+            && (!sw.draining || idle)
+        {
+            sw.started = true;
+            tokio::spawn(change_ensemble(Arc::downgrade(self)));
+        }
     }
 }
 
@@ -583,8 +634,21 @@ async fn switch_segment(
         st.conns = conns;
         st.reconnecting = vec![false; n];
         st.quorum = AppendQuorum::new(n, st.segment.ack_quorum.min(n), 0);
-        for (payload, waiter) in st.parked.take().unwrap_or_default() {
+        st.segment_bytes = 0;
+        let roll_at = client.segment_roll_bytes.load(Ordering::Relaxed);
+        let mut parked = st.switch.take().map(|s| s.parked).unwrap_or_default();
+        while st.segment_bytes < roll_at
+            && let Some((payload, waiter)) = parked.pop_front()
+        {
             core.push(&mut st, payload, waiter);
+        }
+        if !parked.is_empty() || st.segment_bytes >= roll_at {
+            st.switch = Some(Switch {
+                parked,
+                draining: true,
+                started: false,
+            });
+            core.maybe_switch(&mut st);
         }
         for m in 0..n {
             if st.conns[m].is_none() {
@@ -683,7 +747,8 @@ impl LogWriter {
                 reconnecting: vec![false; n],
                 quorum,
                 waiters: VecDeque::new(),
-                parked: None,
+                switch: None,
+                segment_bytes: 0,
                 fenced: None,
             }),
         });
@@ -733,11 +798,14 @@ impl LogWriter {
             let mut st = core.lock();
             if let Some(reason) = &st.fenced {
                 Some(StorageError::Fenced(reason.clone()))
-            } else if let Some(parked) = st.parked.as_mut() {
-                parked.push((payload, tx));
+            } else if let Some(sw) = st.switch.as_mut() {
+                sw.parked.push_back((payload, tx));
                 None
             } else {
                 core.push(&mut st, payload, tx);
+                if st.segment_bytes >= core.client.segment_roll_bytes.load(Ordering::Relaxed) {
+                    core.start_roll(&mut st);
+                }
                 None
             }
         };

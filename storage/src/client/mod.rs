@@ -19,6 +19,7 @@ pub(crate) mod transport;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use warren_common::config::Replication;
@@ -91,7 +92,12 @@ pub(crate) struct ClientInner {
     // When each node last failed to answer; placement avoids recently failed nodes.
     failed: Mutex<HashMap<NodeId, Instant>>,
     refreshed_at: Mutex<Option<Instant>>,
+    segment_roll_bytes: AtomicU64,
 }
+
+/// A segment is sealed and its log continues in a new one once this many payload bytes
+/// were appended to it, so that trimming can free whole segments (ARCHITECTURE.md §5).
+pub const DEFAULT_SEGMENT_ROLL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The registry is re-read at most this often when looking for a moved node.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -116,10 +122,19 @@ impl StorageClient {
                 registry: Mutex::new(NodeRegistry::default()),
                 failed: Mutex::new(HashMap::new()),
                 refreshed_at: Mutex::new(None),
+                segment_roll_bytes: AtomicU64::new(DEFAULT_SEGMENT_ROLL_BYTES),
             }),
         };
         client.inner.refresh_registry().await?;
         Ok(client)
+    }
+
+    /// Seal segments of logs written through this client at this many payload bytes
+    /// (default [`DEFAULT_SEGMENT_ROLL_BYTES`]); smaller segments let trim free space sooner.
+    pub fn set_segment_roll_bytes(&self, bytes: u64) {
+        self.inner
+            .segment_roll_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
     }
 
     /// The metadata registers.
