@@ -192,3 +192,35 @@ def test_heartbeats_keep_an_idle_connection_alive(amqp_url):
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_direct_reply_to_rpc(amqp_url, connection, channel):
+    """RPC over amq.rabbitmq.reply-to, as Celery's rpc backend and Spring's RabbitTemplate use."""
+    requests = unique("rpc")
+    channel.queue_declare(requests)
+    replies = []
+    channel.basic_consume("amq.rabbitmq.reply-to",
+                          lambda c, m, p, b: replies.append((b, p.correlation_id)),
+                          auto_ack=True)
+    channel.basic_publish("", requests, b"2+3", pika.BasicProperties(
+        reply_to="amq.rabbitmq.reply-to", correlation_id="call-1"))
+
+    server = pika.BlockingConnection(pika_params(amqp_url))
+    try:
+        sch = server.channel()
+        method, props, body = None, None, None
+        deadline = time.monotonic() + 20
+        while method is None and time.monotonic() < deadline:
+            method, props, body = sch.basic_get(requests, auto_ack=True)
+            if method is None:
+                server.process_data_events(time_limit=0.05)
+        assert body == b"2+3"
+        # The broker rewrote reply_to into an address for this one consumer.
+        assert props.reply_to.startswith("amq.rabbitmq.reply-to.")
+        sch.basic_publish("", props.reply_to, b"5",
+                          pika.BasicProperties(correlation_id=props.correlation_id))
+        sch.queue_delete(requests)
+    finally:
+        server.close()
+    wait_for(lambda: replies, connection)
+    assert replies == [(b"5", "call-1")]
