@@ -67,6 +67,8 @@ pub struct Channel {
     pub last_queue: Option<String>,
     /// Set by tx.select: publishes and settlements wait for tx.commit.
     pub tx: Option<TxBuffer>,
+    /// The direct reply-to consumer, if any.
+    pub reply_to: Option<crate::handlers::reply_to::ReplyTo>,
 }
 
 /// What a transactional channel has done since its last commit or rollback.
@@ -106,6 +108,7 @@ impl Channel {
             touched: HashMap::new(),
             last_queue: None,
             tx: None,
+            reply_to: None,
         }
     }
 

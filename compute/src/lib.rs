@@ -8,7 +8,7 @@ pub mod channel;
 pub mod config;
 pub mod connection;
 pub mod error;
-mod handlers;
+pub mod handlers;
 pub mod message;
 pub mod meta;
 pub mod node;

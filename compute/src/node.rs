@@ -39,6 +39,17 @@ fn descriptor_key(log: LogId) -> String {
     format!("warren/queue-owner/{log}")
 }
 
+/// A direct reply-to consumer, reachable by its reply name.
+#[derive(Clone, Debug)]
+pub struct ReplyConsumer {
+    /// Its connection.
+    pub sink: crate::queue::ConnSink,
+    /// Its channel.
+    pub channel: crate::queue::ChannelKey,
+    /// Its consumer tag.
+    pub tag: Arc<str>,
+}
+
 /// State shared by every connection on this node.
 pub struct Node {
     /// The configuration.
@@ -51,6 +62,7 @@ pub struct Node {
     pub storage: Option<StorageClient>,
     meta: Meta,
     queues: Mutex<HashMap<(String, String), QueueHandle>>,
+    reply_to: Mutex<HashMap<String, ReplyConsumer>>,
     opening: tokio::sync::Mutex<()>,
     ids: AtomicU64,
     this: Weak<Node>,
@@ -75,6 +87,7 @@ impl Node {
             storage,
             meta,
             queues: Mutex::new(HashMap::new()),
+            reply_to: Mutex::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
             ids: AtomicU64::new(1),
             this: this.clone(),
@@ -87,6 +100,38 @@ impl Node {
     /// A node-unique number (connection ids, channel serials, consumer ids).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Make a reply name reach a direct reply-to consumer.
+    pub fn register_reply_to(&self, name: String, consumer: ReplyConsumer) {
+        let mut map = match self.reply_to.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.insert(name, consumer);
+    }
+
+    /// Forget a reply name.
+    pub fn unregister_reply_to(&self, name: &str) {
+        let mut map = match self.reply_to.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.remove(name);
+    }
+
+    /// Whether a reply name has a consumer.
+    pub fn has_reply_to(&self, name: &str) -> bool {
+        self.reply_consumer(name).is_some()
+    }
+
+    /// The consumer behind a reply name.
+    pub fn reply_consumer(&self, name: &str) -> Option<ReplyConsumer> {
+        let map = match self.reply_to.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.get(name).cloned()
     }
 
     fn running(&self, vhost: &str, name: &str) -> Option<QueueHandle> {

@@ -940,3 +940,91 @@ async fn transactions_commit_and_rollback() {
         .unwrap_err();
     assert_eq!(code(&e), 406);
 }
+
+#[tokio::test]
+async fn direct_reply_to_round_trip() {
+    let broker = Broker::start().await;
+    let conn = connect(&broker.url()).await;
+    let client = channel(&conn).await;
+    let server = channel(&conn).await;
+    declare(&server, "rpc").await;
+    let mut replies = client
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    client
+        .basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            b"ping",
+            BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+        )
+        .await
+        .unwrap();
+    let req = timeout(STEP, async {
+        loop {
+            if let Some(m) = server
+                .basic_get("rpc".into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let reply_to = req.delivery.properties.reply_to().clone().unwrap();
+    assert!(
+        reply_to.as_str().starts_with("amq.rabbitmq.reply-to."),
+        "{reply_to}"
+    );
+    server
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            b"pong",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let d = timeout(STEP, replies.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"pong");
+
+    // Without a reply consumer on the channel, the request is refused with 406.
+    let other = channel(&conn).await;
+    other
+        .basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            b"ping",
+            BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+        )
+        .await
+        .unwrap();
+    let e = other
+        .queue_declare(
+            "after".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 406);
+}

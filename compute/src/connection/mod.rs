@@ -619,6 +619,7 @@ impl Conn {
     pub(crate) async fn release_channel(&mut self, channel: u16) {
         // Acks and publishes already made on it go first.
         self.flush_outbox().await;
+        self.cancel_reply_to(channel, None);
         let Some(ch) = self.channels.get_mut(&channel) else {
             return;
         };
@@ -791,11 +792,12 @@ impl Conn {
                 method: AMQPClass::Channel(chan::AMQPMethod::Open(_)),
                 ..
             } => {
-                if id > self.channel_max {
+                if self.channel_max != 0 && self.channels.len() >= usize::from(self.channel_max) {
                     return Err(AmqpError::new(
-                        ReplyCode::ChannelError,
+                        ReplyCode::NotAllowed,
                         format!(
-                            "channel number {id} exceeds negotiated channel_max {}",
+                            "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                            self.channels.len(),
                             self.channel_max
                         ),
                     )
@@ -1016,6 +1018,35 @@ impl Conn {
                     t.settle(&seqs, ok);
                 }
                 self.write_confirms(channel.channel);
+            }
+            ConnEvent::DirectReply { channel, tag, msg } => {
+                let Some(ch) = self.channels.get_mut(&channel.channel) else {
+                    return;
+                };
+                if ch.key != channel
+                    || ch.state != ChannelState::Open
+                    || ch.reply_to.as_ref().is_none_or(|r| *r.tag != *tag)
+                {
+                    return;
+                }
+                ch.last_tag += 1;
+                let delivery_tag = ch.last_tag;
+                frame::put_deliver(
+                    &mut self.wbuf,
+                    channel.channel,
+                    &tag,
+                    delivery_tag,
+                    false,
+                    &msg.exchange,
+                    &msg.routing_key,
+                );
+                frame::put_content(
+                    &mut self.wbuf,
+                    channel.channel,
+                    &msg.properties_raw,
+                    &msg.body,
+                    self.frame_max,
+                );
             }
             ConnEvent::Cancelled { channel, tag } => {
                 let Some(ch) = self.channels.get_mut(&channel.channel) else {

@@ -44,6 +44,7 @@ impl Conn {
             }
             basic::AMQPMethod::Consume(c) => self.consume(id, c).await,
             basic::AMQPMethod::Cancel(c) => {
+                self.cancel_reply_to(id, Some(c.consumer_tag.as_str()));
                 let entry = self.ch(id)?.consumers.remove(c.consumer_tag.as_str());
                 if let Some(entry) = entry {
                     let (tx, rx) = oneshot::channel();
@@ -163,6 +164,9 @@ impl Conn {
     }
 
     async fn consume(&mut self, id: u16, c: basic::Consume) -> Result<(), AmqpError> {
+        if c.queue.as_str() == super::reply_to::REPLY_TO {
+            return self.consume_reply_to(id, c);
+        }
         let name = self.resolve_queue_name(id, c.queue.as_str())?;
         let def = self.queue_def(&name)?;
         let tag = if c.consumer_tag.as_str().is_empty() {
@@ -351,6 +355,11 @@ impl Conn {
                 self.user_name()
             )));
         }
+        let rewritten = self.rewrite_reply_to(id, props)?;
+        let props = rewritten.as_ref().unwrap_or(props);
+        if exchange.is_empty() && routing_key.starts_with(super::reply_to::REPLY_TO_PREFIX) {
+            return self.publish_direct_reply(id, &p, props, &header, body);
+        }
         let topo = self.refresh_topology().clone();
         let mut targets = std::mem::take(&mut self.route_buf);
         targets.clear();
@@ -386,9 +395,9 @@ impl Conn {
                 &mut targets,
             );
         }
-        let properties_raw = match header.raw_properties() {
-            Some(raw) => raw.clone(),
-            None => encode_properties(props),
+        let properties_raw = match (header.raw_properties(), &rewritten) {
+            (Some(raw), None) => raw.clone(),
+            _ => encode_properties(props),
         };
         let body: Bytes = match body.chunks() {
             [one] if one.len() > COPY_BODY_BELOW => one.clone(),
@@ -449,6 +458,62 @@ impl Conn {
             );
         }
         if seq.is_some() {
+            self.write_confirms(id);
+        }
+        Ok(())
+    }
+
+    /// A reply to a direct reply-to name: straight to its consumer, or returned/dropped.
+    fn publish_direct_reply(
+        &mut self,
+        id: u16,
+        p: &basic::Publish,
+        props: &amq_protocol::protocol::BasicProperties,
+        header: &warren_proto::amqp::ContentHeader,
+        body: warren_proto::amqp::MessageBody,
+    ) -> Result<(), AmqpError> {
+        let properties_raw = match header.raw_properties() {
+            Some(raw) => raw.clone(),
+            None => encode_properties(props),
+        };
+        let msg = Arc::new(Message::new(
+            String::new(),
+            p.routing_key.to_string(),
+            properties_raw,
+            props,
+            body.to_bytes(),
+        ));
+        let delivered = match self.node.reply_consumer(p.routing_key.as_str()) {
+            Some(c) => c
+                .sink
+                .send(crate::queue::ConnEvent::DirectReply {
+                    channel: c.channel,
+                    tag: c.tag,
+                    msg: msg.clone(),
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !delivered && p.mandatory {
+            self.reply(
+                id,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: ReplyCode::NoRoute.code(),
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: p.exchange.clone(),
+                    routing_key: p.routing_key.clone(),
+                })),
+            );
+            frame::put_content(
+                &mut self.wbuf,
+                id,
+                &msg.properties_raw,
+                &msg.body,
+                self.frame_max,
+            );
+        }
+        if let Some(t) = self.ch(id)?.confirms.as_mut() {
+            t.publish(0);
             self.write_confirms(id);
         }
         Ok(())

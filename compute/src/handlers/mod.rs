@@ -5,6 +5,7 @@ mod basic;
 mod confirm;
 mod exchange;
 mod queue;
+pub(crate) mod reply_to;
 
 use std::sync::Arc;
 

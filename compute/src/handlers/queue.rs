@@ -114,6 +114,9 @@ impl Conn {
     }
 
     async fn queue_declare(&mut self, id: u16, d: queue::Declare) -> Result<(), AmqpError> {
+        if self.declare_reply_to(id, &d)? {
+            return Ok(());
+        }
         let vhost = self.vhost.clone();
         let generated = d.queue.as_str().is_empty();
         let name = if generated {

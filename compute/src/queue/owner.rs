@@ -41,6 +41,15 @@ pub enum ConnEvent {
         /// Durably stored (or stored in memory for the transient path).
         ok: bool,
     },
+    /// A reply for a direct reply-to consumer (no queue, no ack).
+    DirectReply {
+        /// The consumer's channel.
+        channel: ChannelKey,
+        /// Its consumer tag.
+        tag: Arc<str>,
+        /// The reply.
+        msg: Arc<Message>,
+    },
     /// The queue went away under a consumer (deleted, or its owner lost the log).
     Cancelled {
         /// The consumer's channel.
