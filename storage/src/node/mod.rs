@@ -31,7 +31,10 @@ pub fn load_or_create_node_id(dir: &Path) -> Result<NodeId, StorageError> {
             .map(NodeId)
             .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if dir.join("journal").exists() || dir.join("registers").exists() {
+            let journal = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("journal"));
+            if journal || dir.join("registers").exists() {
                 return Err(StorageError::Corrupt(format!(
                     "{} holds storage state but no node_id; refusing to reuse it under a new identity",
                     dir.display()

@@ -7,11 +7,11 @@
 //! entries readable and answers. Reads never see an entry that is not on disk.
 
 use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 struct Loc {
+    file: u32,
     offset: u64,
     len: u32,
 }
@@ -37,6 +38,8 @@ struct SegState {
     rules: SegmentRules,
     // Durable entries only.
     entries: BTreeMap<u64, Loc>,
+    // Journal files holding any record of this segment.
+    files: BTreeSet<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +47,76 @@ struct State {
     segments: HashMap<u64, SegState>,
     deleted: HashSet<u64>,
     poisoned: bool,
+    // Journal files by number, with the live segments that have records in each. A file
+    // other than the active one is removed once no live segment has a record in it.
+    files: BTreeMap<u32, JournalFile>,
+    active: u32,
+}
+
+#[derive(Debug)]
+struct JournalFile {
+    reader: Arc<File>,
+    segments: HashSet<u64>,
+}
+
+impl State {
+    fn note_record(&mut self, file: u32, segment: u64) {
+        if let Some(seg) = self.segments.get_mut(&segment) {
+            seg.files.insert(file);
+        }
+        if let Some(f) = self.files.get_mut(&file) {
+            f.segments.insert(segment);
+        }
+    }
+
+    /// Forget a segment; returns the files it leaves without live records.
+    fn delete_segment(&mut self, segment: u64) -> Vec<u32> {
+        self.deleted.insert(segment);
+        let Some(seg) = self.segments.remove(&segment) else {
+            return Vec::new();
+        };
+        let mut freed = Vec::new();
+        for f in seg.files {
+            if let Some(jf) = self.files.get_mut(&f) {
+                jf.segments.remove(&segment);
+                if jf.segments.is_empty() && f != self.active {
+                    freed.push(f);
+                }
+            }
+        }
+        freed
+    }
+}
+
+/// The journal rolls over to a new file at this size, so that space is reclaimed file by
+/// file as segments are deleted.
+pub const JOURNAL_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+fn file_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("journal-{n:08}"))
+}
+
+/// Remove journal files that hold no live record (blocking).
+fn remove_files(dir: &Path, state: &Mutex<State>, files: &[u32]) {
+    for f in files {
+        let still_free = {
+            let mut st = lock(state);
+            let free = st
+                .files
+                .get(f)
+                .is_some_and(|jf| jf.segments.is_empty() && *f != st.active);
+            if free {
+                st.files.remove(f);
+            }
+            free
+        };
+        if still_free {
+            match std::fs::remove_file(file_path(dir, *f)) {
+                Ok(()) => tracing::debug!(file = f, "journal file freed"),
+                Err(e) => tracing::warn!(file = f, error = %e, "could not remove journal file"),
+            }
+        }
+    }
 }
 
 /// Journal counters since start.
@@ -107,7 +180,6 @@ pub struct Store {
     state: Arc<Mutex<State>>,
     stats: Arc<Stats>,
     tx: Mutex<Option<tokio::sync::mpsc::Sender<Op>>>,
-    reader: File,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -121,50 +193,106 @@ impl Store {
     /// Open (or create) the journal in `dir`, rebuild the index from it, truncate a torn
     /// tail, and start the writer thread.
     pub fn open(dir: &Path, max_batch_bytes: usize) -> Result<Arc<Store>, StorageError> {
-        let path = dir.join("journal");
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        let mut state = State::default();
-        let mut entries = 0u64;
-        let valid = journal::replay(&mut BufReader::new(&file), |offset, rec| {
-            apply_replayed(&mut state, offset, rec, &mut entries)
-        })?;
-        let len = file.metadata()?.len();
-        if valid < len {
-            tracing::warn!(
-                path = %path.display(),
-                valid,
-                len,
-                "journal has a torn or corrupt tail; truncating it"
-            );
-            file.set_len(valid)?;
-            file.sync_all()?;
+        Self::open_with_file_size(dir, max_batch_bytes, JOURNAL_FILE_BYTES)
+    }
+
+    /// [`Store::open`] with a given journal file size.
+    pub fn open_with_file_size(
+        dir: &Path,
+        max_batch_bytes: usize,
+        file_bytes: u64,
+    ) -> Result<Arc<Store>, StorageError> {
+        let mut numbers: Vec<u32> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("journal-"))
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect();
+        numbers.sort_unstable();
+        if numbers.is_empty() {
+            numbers.push(1);
         }
+        let active = *numbers.last().expect("at least one journal file");
+        let mut state = State {
+            active,
+            ..State::default()
+        };
+        let mut entries = 0u64;
+        let mut writer = None;
+        for n in &numbers {
+            let path = file_path(dir, *n);
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .open(&path)?;
+            state.files.insert(
+                *n,
+                JournalFile {
+                    reader: Arc::new(File::open(&path)?),
+                    segments: HashSet::new(),
+                },
+            );
+            let valid = journal::replay(&mut BufReader::new(&file), |offset, rec| {
+                apply_replayed(&mut state, *n, offset, rec, &mut entries)
+            })?;
+            let len = file.metadata()?.len();
+            if valid < len {
+                if *n == active {
+                    tracing::warn!(path = %path.display(), valid, len, "journal has a torn tail; truncating it");
+                    file.set_len(valid)?;
+                    file.sync_all()?;
+                } else {
+                    // A rotated file was complete when it was closed: this is corruption.
+                    // The records after it are lost here; the other replicas have them.
+                    tracing::error!(path = %path.display(), valid, len, "corrupt journal file; ignoring its tail");
+                }
+            }
+            if *n == active {
+                writer = Some((file, valid));
+            }
+        }
+        if numbers.len() == 1 {
+            File::open(dir)?.sync_all()?;
+        }
+        let (file, valid) = writer.expect("the active journal file was opened");
+        let freed: Vec<u32> = state
+            .files
+            .iter()
+            .filter(|(n, f)| f.segments.is_empty() && **n != active)
+            .map(|(n, _)| *n)
+            .collect();
         tracing::info!(
             segments = state.segments.len(),
             entries,
-            bytes = valid,
+            files = state.files.len(),
             "journal replayed"
         );
-        let reader = File::open(&path)?;
         let state = Arc::new(Mutex::new(state));
+        remove_files(dir, &state, &freed);
         let stats = Arc::new(Stats::default());
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_DEPTH);
         let thread = {
             let state = state.clone();
             let stats = stats.clone();
+            let w = JournalWriter {
+                dir: dir.to_path_buf(),
+                file,
+                number: active,
+                pos: valid,
+                file_bytes,
+            };
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || writer_loop(file, valid, rx, state, stats, max_batch_bytes))?
+                .spawn(move || writer_loop(w, rx, state, stats, max_batch_bytes))?
         };
         Ok(Arc::new(Store {
             state,
             stats,
             tx: Mutex::new(Some(tx)),
-            reader,
             thread: Mutex::new(Some(thread)),
         }))
     }
@@ -219,7 +347,7 @@ impl Store {
                 };
             };
             let mut bytes = 0u64;
-            let mut locs = Vec::new();
+            let mut locs: Vec<(u64, Loc, Option<Arc<File>>)> = Vec::new();
             for (id, loc) in seg.entries.range(from..) {
                 if seg.rules.end.is_some_and(|end| *id >= end)
                     || locs.len() >= max_entries as usize
@@ -228,14 +356,19 @@ impl Store {
                     break;
                 }
                 bytes += u64::from(loc.len);
-                locs.push((*id, *loc));
+                let reader = st.files.get(&loc.file).map(|f| f.reader.clone());
+                locs.push((*id, *loc, reader));
             }
             (locs, seg.rules.end)
         };
         let mut entries = Vec::with_capacity(locs.len());
-        for (entry, loc) in locs {
+        for (entry, loc, reader) in locs {
             let mut buf = vec![0u8; loc.len as usize];
-            if let Err(e) = self.reader.read_exact_at(&mut buf, loc.offset) {
+            let read = match reader {
+                Some(r) => r.read_exact_at(&mut buf, loc.offset),
+                None => Err(std::io::Error::other("journal file missing")),
+            };
+            if let Err(e) = read {
                 tracing::error!(error = %e, "journal read failed");
                 return Response::Error {
                     code: ErrorCode::Io,
@@ -278,7 +411,7 @@ fn unavailable(msg: &str) -> Response {
     }
 }
 
-fn apply_replayed(state: &mut State, offset: u64, rec: Record, entries: &mut u64) {
+fn apply_replayed(state: &mut State, file: u32, offset: u64, rec: Record, entries: &mut u64) {
     match rec {
         Record::Entry {
             segment,
@@ -294,28 +427,31 @@ fn apply_replayed(state: &mut State, offset: u64, rec: Record, entries: &mut u64
             seg.entries.insert(
                 entry,
                 Loc {
+                    file,
                     offset: offset + (HEADER + ENTRY_FIXED) as u64,
                     len: payload.len() as u32,
                 },
             );
             seg.rules.replay_append(entry, lac);
             *entries += 1;
+            state.note_record(file, segment);
         }
         Record::Fence { segment, epoch } => {
             if !state.deleted.contains(&segment) {
                 let seg = state.segments.entry(segment).or_default();
                 seg.rules.replay_fence(epoch);
+                state.note_record(file, segment);
             }
         }
         Record::Seal { segment, end } => {
             if !state.deleted.contains(&segment) {
                 let seg = state.segments.entry(segment).or_default();
                 seg.rules.seal(end);
+                state.note_record(file, segment);
             }
         }
         Record::Delete { segment } => {
-            state.segments.remove(&segment);
-            state.deleted.insert(segment);
+            state.delete_segment(segment);
         }
     }
 }
@@ -328,6 +464,8 @@ enum Staged {
         at: usize,
         len: u32,
     },
+    // A delete that may free journal files once durable.
+    Delete(Vec<u32>),
     Other,
 }
 
@@ -365,6 +503,8 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
                 return reply(Response::Fenced { epoch: fenced });
             }
             let len = payload.len() as u32;
+            let active = st.active;
+            st.note_record(active, segment);
             let rec = Record::Entry {
                 segment,
                 epoch,
@@ -401,6 +541,8 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
                     end: tail.end,
                 },
             };
+            let active = st.active;
+            st.note_record(active, segment);
             journal::encode(&Record::Fence { segment, epoch }, &mut batch.buf);
             batch.staged.push((Staged::Other, answer, reply));
         }
@@ -411,21 +553,67 @@ fn stage(st: &mut State, mutation: Mutation, reply: Reply, batch: &mut Batch) {
             let seg = st.segments.entry(segment).or_default();
             // A seal is final: metadata recorded it before any node heard of it.
             let end = seg.rules.seal(end);
+            let active = st.active;
+            st.note_record(active, segment);
             journal::encode(&Record::Seal { segment, end }, &mut batch.buf);
             batch.staged.push((Staged::Other, Response::Ok, reply));
         }
         Mutation::Delete { segment } => {
-            st.segments.remove(&segment);
-            st.deleted.insert(segment);
+            let freed = st.delete_segment(segment);
             journal::encode(&Record::Delete { segment }, &mut batch.buf);
-            batch.staged.push((Staged::Other, Response::Ok, reply));
+            batch
+                .staged
+                .push((Staged::Delete(freed), Response::Ok, reply));
         }
     }
 }
 
+/// The journal writer's handle on the active file.
+struct JournalWriter {
+    dir: PathBuf,
+    file: File,
+    number: u32,
+    pos: u64,
+    file_bytes: u64,
+}
+
+impl JournalWriter {
+    /// Start the next file; the old one is complete (every batch in it was fsync'd).
+    fn rotate(&mut self, state: &Mutex<State>) -> std::io::Result<()> {
+        let next = self.number + 1;
+        let path = file_path(&self.dir, next);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        File::open(&self.dir)?.sync_all()?;
+        let reader = Arc::new(File::open(&path)?);
+        let old = self.number;
+        let old_free = {
+            let mut st = lock(state);
+            st.files.insert(
+                next,
+                JournalFile {
+                    reader,
+                    segments: HashSet::new(),
+                },
+            );
+            st.active = next;
+            st.files.get(&old).is_some_and(|f| f.segments.is_empty())
+        };
+        self.file = file;
+        self.number = next;
+        self.pos = 0;
+        if old_free {
+            remove_files(&self.dir, state, &[old]);
+        }
+        Ok(())
+    }
+}
+
 fn writer_loop(
-    mut file: File,
-    mut pos: u64,
+    mut w: JournalWriter,
     mut rx: tokio::sync::mpsc::Receiver<Op>,
     state: Arc<Mutex<State>>,
     stats: Arc<Stats>,
@@ -450,32 +638,41 @@ fn writer_loop(
         if batch.staged.is_empty() {
             continue;
         }
-        let result = file.write_all(&batch.buf).and_then(|()| file.sync_data());
+        let result = w
+            .file
+            .write_all(&batch.buf)
+            .and_then(|()| w.file.sync_data());
         let staged = std::mem::take(&mut batch.staged);
         match result {
             Ok(()) => {
+                let mut freed = Vec::new();
                 {
                     let mut st = lock(&state);
                     for (s, _, _) in &staged {
-                        if let Staged::Entry {
-                            segment,
-                            entry,
-                            at,
-                            len,
-                        } = s
-                            && let Some(seg) = st.segments.get_mut(segment)
-                        {
-                            seg.entries.insert(
-                                *entry,
-                                Loc {
-                                    offset: pos + *at as u64,
-                                    len: *len,
-                                },
-                            );
+                        match s {
+                            Staged::Entry {
+                                segment,
+                                entry,
+                                at,
+                                len,
+                            } => {
+                                if let Some(seg) = st.segments.get_mut(segment) {
+                                    seg.entries.insert(
+                                        *entry,
+                                        Loc {
+                                            file: w.number,
+                                            offset: w.pos + *at as u64,
+                                            len: *len,
+                                        },
+                                    );
+                                }
+                            }
+                            Staged::Delete(files) => freed.extend_from_slice(files),
+                            Staged::Other => {}
                         }
                     }
                 }
-                pos += batch.buf.len() as u64;
+                w.pos += batch.buf.len() as u64;
                 stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                 stats
                     .records
@@ -485,6 +682,16 @@ fn writer_loop(
                     .fetch_add(batch.buf.len() as u64, Ordering::Relaxed);
                 for (_, answer, reply) in staged {
                     reply(answer);
+                }
+                // Deletes are durable now: files they emptied can go.
+                if !freed.is_empty() {
+                    remove_files(&w.dir, &state, &freed);
+                }
+                if w.pos >= w.file_bytes
+                    && let Err(e) = w.rotate(&state)
+                {
+                    // Keep writing to the current file; retry at the next batch.
+                    tracing::warn!(error = %e, "journal rotation failed");
                 }
             }
             Err(e) => {
@@ -560,7 +767,7 @@ mod tests {
         drop(store);
 
         // Reopen after a torn write at the tail.
-        let path = dir.path().join("journal");
+        let path = file_path(dir.path(), 1);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[0, 0, 0, 50, 1, 2, 3]).unwrap();
         drop(f);
@@ -582,5 +789,56 @@ mod tests {
         assert_eq!(store.apply(append(7, 2, 3)).await, Response::Ok);
         assert_eq!(store.stats().fsyncs.load(Ordering::Relaxed), 1);
         assert_eq!(store.stats().records.load(Ordering::Relaxed), 1);
+    }
+
+    fn journal_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("journal-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn journal_files_rotate_and_are_removed_once_their_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_file_size(dir.path(), 1 << 20, 200).unwrap();
+        // Segment 1 fills the first files, segment 2 the later ones.
+        for e in 0..10 {
+            assert_eq!(store.apply(append(1, 1, e)).await, Response::Ok);
+        }
+        for e in 0..10 {
+            assert_eq!(store.apply(append(2, 1, e)).await, Response::Ok);
+        }
+        let before = journal_files(dir.path());
+        assert!(before.len() >= 4, "{before:?}");
+        assert_eq!(
+            store.apply(Mutation::Delete { segment: 1 }).await,
+            Response::Ok
+        );
+        let after = journal_files(dir.path());
+        assert!(
+            !after.contains(&"journal-00000001".to_string()),
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.contains(before.last().unwrap()));
+        assert_eq!(
+            store.apply(append(1, 9, 10)).await,
+            Response::Fenced { epoch: u64::MAX },
+            "a deleted segment refuses appends"
+        );
+        store.close();
+        drop(store);
+        let store = Store::open_with_file_size(dir.path(), 1 << 20, 200).unwrap();
+        match store.read(2, 0, 100, 1 << 20) {
+            Response::Entries { entries, .. } => assert_eq!(entries.len(), 10),
+            other => panic!("{other:?}"),
+        }
+        match store.read(1, 0, 100, 1 << 20) {
+            Response::Error { code, .. } => assert_eq!(code, ErrorCode::Invalid),
+            other => panic!("{other:?}"),
+        }
     }
 }
