@@ -26,12 +26,73 @@ struct Inner {
 /// An acceptor's answer to a prepare.
 pub type PrepareResult = Result<(Option<Ballot>, Option<bytes::Bytes>), Ballot>;
 
+// Record body: u16 key length, key, promised ballot, accepted ballot, value; a ballot is a
+// presence byte then u64 counter and 16-byte proposer; a value is a presence byte then u32
+// length and bytes.
 fn encode_record(key: &str, state: &AcceptorState, buf: &mut BytesMut) {
-    // (key, state) pairs serialize as a JSON array; this cannot fail.
-    let body = serde_json::to_vec(&(key, state)).expect("acceptor state serializes");
+    let mut body = BytesMut::with_capacity(64 + key.len());
+    body.put_u16(key.len() as u16);
+    body.put_slice(key.as_bytes());
+    for b in [state.promised, state.accepted] {
+        match b {
+            Some(b) => {
+                body.put_u8(1);
+                body.put_u64(b.counter);
+                body.put_slice(&b.proposer);
+            }
+            None => body.put_u8(0),
+        }
+    }
+    match &state.value {
+        Some(v) => {
+            body.put_u8(1);
+            body.put_u32(v.len() as u32);
+            body.put_slice(v);
+        }
+        None => body.put_u8(0),
+    }
     buf.put_u32(body.len() as u32);
     buf.put_u32(crc32(&body));
     buf.put_slice(&body);
+}
+
+fn decode_record(body: &[u8]) -> Option<(String, AcceptorState)> {
+    let mut b = body;
+    let take = |b: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h.to_vec())
+    };
+    let klen = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?) as usize;
+    let key = String::from_utf8(take(&mut b, klen)?).ok()?;
+    let mut ballots = [None, None];
+    for slot in &mut ballots {
+        if take(&mut b, 1)?[0] == 1 {
+            let counter = u64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
+            let proposer: [u8; 16] = take(&mut b, 16)?.try_into().ok()?;
+            *slot = Some(Ballot { counter, proposer });
+        }
+    }
+    let value = if take(&mut b, 1)?[0] == 1 {
+        let len = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+        Some(bytes::Bytes::from(take(&mut b, len)?))
+    } else {
+        None
+    };
+    if !b.is_empty() {
+        return None;
+    }
+    Some((
+        key,
+        AcceptorState {
+            promised: ballots[0],
+            accepted: ballots[1],
+            value,
+        },
+    ))
 }
 
 fn load(path: &Path) -> Result<HashMap<String, AcceptorState>, StorageError> {
@@ -55,8 +116,8 @@ fn load(path: &Path) -> Result<HashMap<String, AcceptorState>, StorageError> {
             // Torn tail: the acceptor never answered for it.
             break;
         }
-        let (key, state): (String, AcceptorState) = serde_json::from_slice(&body)
-            .map_err(|e| StorageError::Corrupt(format!("register record: {e}")))?;
+        let (key, state) = decode_record(&body)
+            .ok_or_else(|| StorageError::Corrupt("malformed register record".into()))?;
         keys.insert(key, state);
     }
     Ok(keys)

@@ -3,10 +3,9 @@
 //! proposer's vote counting is a tally the client driver feeds with answers.
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 /// A proposal number: ordered by counter, then proposer id, so ballots never tie.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ballot {
     /// Increases with every attempt of a proposer, and past every ballot it saw.
     pub counter: u64,
@@ -15,7 +14,7 @@ pub struct Ballot {
 }
 
 /// What one acceptor holds for one key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcceptorState {
     /// The highest ballot promised.
     pub promised: Option<Ballot>,
