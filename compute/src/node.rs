@@ -94,6 +94,9 @@ impl Node {
             shutdown: tokio::sync::watch::channel(false).0,
         });
         node.topology.load("/").await?;
+        if node.storage.is_some() {
+            tokio::spawn(refresh_topology(Arc::downgrade(&node)));
+        }
         Ok(node)
     }
 
@@ -361,6 +364,28 @@ impl Node {
             warn!(queue = %name, error = %e, "could not free the log of a deleted queue");
         }
         Ok(())
+    }
+}
+
+/// How often a node re-reads the topology registers for other nodes' changes.
+const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn refresh_topology(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(TOPOLOGY_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if *node.shutdown.borrow() {
+            return;
+        }
+        for vhost in node.topology.vhosts() {
+            if let Err(e) = node.topology.refresh(&vhost).await {
+                tracing::debug!(vhost, error = %e, "topology refresh failed; will retry");
+            }
+        }
     }
 }
 

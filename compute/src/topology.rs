@@ -124,10 +124,74 @@ pub fn predeclared() -> Vec<ExchangeDef> {
     ]
 }
 
+/// A vhost's topology: the durable part from the register value `raw`, plus this node's
+/// transient exchanges, queues and bindings from `local`.
+fn merge(vhost: &str, raw: Option<&Bytes>, local: Option<&VhostTopology>) -> VhostTopology {
+    let stored: Stored = match raw {
+        Some(b) => serde_json::from_slice(b).unwrap_or_else(|e| {
+            warn!(vhost, error = %e, "stored topology is unreadable; ignoring it");
+            Stored::default()
+        }),
+        None => Stored::default(),
+    };
+    let mut topo = VhostTopology::default();
+    for d in predeclared().into_iter().chain(stored.exchanges) {
+        topo.exchanges
+            .insert(d.name.clone(), Arc::new(Exchange::new(d)));
+    }
+    for q in stored.queues {
+        topo.queues.insert(q.name.clone(), Arc::new(q));
+    }
+    let mut bindings = stored.bindings;
+    if let Some(local) = local {
+        for x in local.exchanges.values() {
+            if !x.def.durable && !topo.exchanges.contains_key(&x.def.name) {
+                topo.exchanges
+                    .insert(x.def.name.clone(), Arc::new(Exchange::new(x.def.clone())));
+            }
+        }
+        for q in local.queues.values() {
+            if (!q.durable || q.exclusive) && !topo.queues.contains_key(&q.name) {
+                topo.queues.insert(q.name.clone(), q.clone());
+            }
+        }
+        // Bindings that involve a transient entity live only here.
+        for x in local.exchanges.values() {
+            for b in &x.bindings {
+                let transient_end = !x.def.durable
+                    || match &b.destination {
+                        Destination::Queue(q) => local
+                            .queues
+                            .get(q)
+                            .is_none_or(|q| !q.durable || q.exclusive),
+                        Destination::Exchange(e) => {
+                            local.exchanges.get(e).is_none_or(|e| !e.def.durable)
+                        }
+                    };
+                if transient_end {
+                    bindings.push(b.clone());
+                }
+            }
+        }
+    }
+    for b in bindings {
+        let dest_exists = match &b.destination {
+            Destination::Queue(q) => topo.queues.contains_key(q),
+            Destination::Exchange(e) => topo.exchanges.contains_key(e),
+        };
+        if dest_exists && let Some(x) = topo.exchanges.get_mut(&b.source) {
+            Arc::make_mut(x).bind(b);
+        }
+    }
+    topo
+}
+
 /// Every vhost's snapshot plus the metadata store behind them.
 pub struct Topology {
     meta: Meta,
     vhosts: RwLock<HashMap<String, Arc<VhostTopology>>>,
+    /// The register value each snapshot's durable part was built from.
+    seen: std::sync::Mutex<HashMap<String, Option<Bytes>>>,
     version: AtomicU64,
     write: tokio::sync::Mutex<()>,
 }
@@ -254,6 +318,7 @@ impl Topology {
         Topology {
             meta,
             vhosts: RwLock::new(HashMap::new()),
+            seen: std::sync::Mutex::new(HashMap::new()),
             version: AtomicU64::new(1),
             write: tokio::sync::Mutex::new(()),
         }
@@ -261,28 +326,50 @@ impl Topology {
 
     /// Read a vhost's durable topology from the store and add the predeclared exchanges.
     pub async fn load(&self, vhost: &str) -> Result<(), AmqpError> {
-        let stored: Stored = match self.meta.get(&register_key(vhost)).await? {
-            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                warn!(vhost, error = %e, "stored topology is unreadable; starting empty");
-                Stored::default()
-            }),
-            None => Stored::default(),
-        };
-        let mut topo = VhostTopology::default();
-        for d in predeclared().into_iter().chain(stored.exchanges) {
-            topo.exchanges
-                .insert(d.name.clone(), Arc::new(Exchange::new(d)));
-        }
-        for q in stored.queues {
-            topo.queues.insert(q.name.clone(), Arc::new(q));
-        }
-        for b in stored.bindings {
-            if let Some(x) = topo.exchanges.get_mut(&b.source) {
-                Arc::make_mut(x).bind(b);
-            }
-        }
-        self.install(vhost, topo);
+        let raw = self.meta.get(&register_key(vhost)).await?;
+        let _guard = self.write.lock().await;
+        let transient = self.snapshot(vhost);
+        self.install(vhost, merge(vhost, raw.as_ref(), transient.as_deref()));
+        self.remember(vhost, raw);
         Ok(())
+    }
+
+    /// Pick up changes other compute nodes made to a vhost's durable topology.
+    pub async fn refresh(&self, vhost: &str) -> Result<(), AmqpError> {
+        let raw = self.meta.get(&register_key(vhost)).await?;
+        let _guard = self.write.lock().await;
+        if self.seen(vhost) == raw {
+            return Ok(());
+        }
+        let transient = self.snapshot(vhost);
+        self.install(vhost, merge(vhost, raw.as_ref(), transient.as_deref()));
+        self.remember(vhost, raw);
+        Ok(())
+    }
+
+    /// The vhosts this node has loaded.
+    pub fn vhosts(&self) -> Vec<String> {
+        let map = match self.vhosts.read() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.keys().cloned().collect()
+    }
+
+    fn seen(&self, vhost: &str) -> Option<Bytes> {
+        let map = match self.seen.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.get(vhost).cloned().flatten()
+    }
+
+    fn remember(&self, vhost: &str, raw: Option<Bytes>) {
+        let mut map = match self.seen.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.insert(vhost.to_string(), raw);
     }
 
     fn install(&self, vhost: &str, topo: VhostTopology) {
@@ -329,21 +416,26 @@ impl Topology {
             changes: Vec::new(),
         };
         let out = f(&mut edit)?;
-        if !edit.changes.is_empty() {
-            let changes = edit.changes;
-            self.meta
-                .update(&register_key(vhost), |cur: Option<&Bytes>| {
-                    let mut stored: Stored = cur
-                        .and_then(|b| serde_json::from_slice(b).ok())
-                        .unwrap_or_default();
-                    for c in &changes {
-                        stored.apply(c);
-                    }
-                    serde_json::to_vec(&stored).ok().map(Bytes::from)
-                })
-                .await?;
+        if edit.changes.is_empty() {
+            self.install(vhost, edit.topo);
+            return Ok(out);
         }
-        self.install(vhost, edit.topo);
+        let changes = edit.changes;
+        let written = self
+            .meta
+            .update(&register_key(vhost), |cur: Option<&Bytes>| {
+                let mut stored: Stored = cur
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or_default();
+                for c in &changes {
+                    stored.apply(c);
+                }
+                serde_json::to_vec(&stored).ok().map(Bytes::from)
+            })
+            .await?;
+        // The register now holds other nodes' changes too: rebuild from it.
+        self.install(vhost, merge(vhost, written.as_ref(), Some(&edit.topo)));
+        self.remember(vhost, written);
         Ok(out)
     }
 }
@@ -430,5 +522,37 @@ mod tests {
         .unwrap();
         let s = t.snapshot("/").unwrap();
         assert!(!s.exchanges.contains_key("ad"));
+    }
+
+    #[tokio::test]
+    async fn another_nodes_durable_changes_arrive_on_refresh_and_keep_local_transients() {
+        let meta = Meta::memory();
+        let a = Topology::new(meta.clone());
+        let b = Topology::new(meta);
+        a.load("/").await.unwrap();
+        b.load("/").await.unwrap();
+        b.edit("/", |e| {
+            e.put_queue(qdef("b-local", false));
+            Ok(())
+        })
+        .await
+        .unwrap();
+        a.edit("/", |e| {
+            e.put_queue(qdef("shared", true));
+            e.bind(BindingDef {
+                source: "amq.fanout".into(),
+                destination: Destination::Queue("shared".into()),
+                routing_key: String::new(),
+                arguments: FieldTable::default(),
+            });
+            Ok(())
+        })
+        .await
+        .unwrap();
+        b.refresh("/").await.unwrap();
+        let s = b.snapshot("/").unwrap();
+        assert!(s.queues.contains_key("shared"));
+        assert!(s.queues.contains_key("b-local"));
+        assert_eq!(s.exchanges["amq.fanout"].bindings.len(), 1);
     }
 }

@@ -203,3 +203,48 @@ async fn ten_thousand_confirmed_persistent_messages_in_order() {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_topology_declared_on_one_compute_node_reaches_another() {
+    let storage = Storage::start().await;
+    let a = Broker::start_with(&storage).await;
+    let b = Broker::start_with(&storage).await;
+    let conn_a = connect(&a.url()).await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    ch_a.exchange_declare(
+        "events".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let conn_b = connect(&b.url()).await;
+    // Node b re-reads the registers periodically: wait (bounded) until it knows "events".
+    let mut seen = false;
+    for _ in 0..200 {
+        let ch = conn_b.create_channel().await.unwrap();
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if ch
+            .exchange_declare(
+                "events".into(),
+                lapin::ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok()
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "node b never saw the exchange declared on node a");
+}
