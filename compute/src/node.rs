@@ -177,6 +177,10 @@ impl Node {
             auto_delete: def.auto_delete,
             on_exit,
             dead_letter,
+            expires: match def.arguments.inner().get("x-expires") {
+                Some(v) => crate::handlers::int_arg(v).and_then(|n| u64::try_from(n).ok()),
+                None => None,
+            },
         };
         let handle = match (&self.storage, def.durable && !def.exclusive) {
             (Some(storage), true) => {

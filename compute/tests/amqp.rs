@@ -1028,3 +1028,36 @@ async fn direct_reply_to_round_trip() {
         .unwrap_err();
     assert_eq!(code(&e), 406);
 }
+
+#[tokio::test]
+async fn unused_queue_with_x_expires_is_deleted() {
+    let broker = Broker::start().await;
+    let conn = connect(&broker.url()).await;
+    let ch = channel(&conn).await;
+    ch.queue_declare(
+        "short-lived".into(),
+        QueueDeclareOptions::default(),
+        table(&[("x-expires", AMQPValue::LongInt(50))]),
+    )
+    .await
+    .unwrap();
+    // Each check counts as a use, so checks are spaced well beyond x-expires.
+    let mut gone = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ch = channel(&conn).await;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if let Err(e) = ch
+            .queue_declare("short-lived".into(), passive, FieldTable::default())
+            .await
+        {
+            assert_eq!(code(&e), 404);
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "queue with x-expires was never deleted");
+}

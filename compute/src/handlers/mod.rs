@@ -71,8 +71,8 @@ pub(crate) fn value_text(v: &AMQPValue) -> String {
     }
 }
 
-/// An integer argument value of any width.
-pub(crate) fn int_arg(v: &AMQPValue) -> Option<i64> {
+/// An integer argument value of any width (any AMQP integer type).
+pub fn int_arg(v: &AMQPValue) -> Option<i64> {
     Some(match v {
         AMQPValue::ShortShortInt(n) => i64::from(*n),
         AMQPValue::ShortShortUInt(n) => i64::from(*n),

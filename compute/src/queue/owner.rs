@@ -232,6 +232,8 @@ pub struct OwnerConfig {
     pub on_exit: OwnerExit,
     /// Where dead-lettered messages go (if the queue has a dead-letter exchange).
     pub dead_letter: Option<DeadLetterFn>,
+    /// `x-expires` in milliseconds.
+    pub expires: Option<u64>,
 }
 
 /// Why an owner stopped.
@@ -295,6 +297,9 @@ pub struct Owner<L: QueueLog> {
     on_exit: Option<OwnerExit>,
     dead_letter: Option<DeadLetterFn>,
     clock: tokio::time::Instant,
+    /// `x-expires` in milliseconds: delete after this long without consumers or use.
+    expires: Option<u64>,
+    last_used: u64,
     appends: mpsc::UnboundedSender<PendingAppend>,
     failures: mpsc::UnboundedReceiver<StorageError>,
     batch_durable: Vec<(Seq, Arc<Message>)>,
@@ -314,6 +319,7 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         auto_delete,
         on_exit,
         dead_letter,
+        expires,
     } = config;
     let handle = QueueHandle(Arc::new(QueueShared {
         id,
@@ -334,6 +340,8 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         on_exit: Some(on_exit),
         dead_letter,
         clock: tokio::time::Instant::now(),
+        expires,
+        last_used: 0,
         appends,
         failures,
         batch_durable: Vec::new(),
@@ -401,7 +409,16 @@ fn send_confirms(confirms: Vec<ConfirmTo>, ok: bool) {
 impl<L: QueueLog> Owner<L> {
     async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let reason = loop {
-            let expiry = self.engine.next_expiry();
+            let unused_deadline = match self.expires {
+                Some(ttl) if self.engine.consumer_count() == 0 => {
+                    Some(self.last_used.saturating_add(ttl))
+                }
+                _ => None,
+            };
+            let expiry = match (self.engine.next_expiry(), unused_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wake_at = self.clock + std::time::Duration::from_millis(expiry.unwrap_or(0));
             let cmd = tokio::select! {
                 biased;
@@ -414,6 +431,12 @@ impl<L: QueueLog> Owner<L> {
                 cmd = rx.recv() => cmd,
                 _ = tokio::time::sleep_until(wake_at), if expiry.is_some() => {
                     self.flush();
+                    if unused_deadline.is_some_and(|d| self.now() >= d)
+                        && self.engine.consumer_count() == 0
+                    {
+                        // x-expires: unused for the whole period.
+                        break ExitReason::AutoDeleted;
+                    }
                     continue;
                 }
             };
@@ -477,11 +500,13 @@ impl<L: QueueLog> Owner<L> {
                 }
             }
             QueueCmd::Consume { spec, sink, reply } => {
+                self.last_used = self.now();
                 self.sinks.entry(spec.channel.conn).or_insert(sink);
                 let r = self.engine.add_consumer(spec).map(|()| self.stats());
                 let _ = reply.send(r);
             }
             QueueCmd::Cancel { id, reply } => {
+                self.last_used = self.now();
                 self.engine.cancel(id);
                 if let Some(r) = reply {
                     let _ = r.send(());
@@ -506,6 +531,7 @@ impl<L: QueueLog> Owner<L> {
                 reply,
             } => {
                 let now = self.now();
+                self.last_used = now;
                 let r = self.engine.get(channel, no_ack, now);
                 let _ = reply.send(r);
             }
@@ -513,6 +539,7 @@ impl<L: QueueLog> Owner<L> {
                 let _ = reply.send(self.engine.purge());
             }
             QueueCmd::Stats { reply } => {
+                self.last_used = self.now();
                 let _ = reply.send(self.stats());
             }
             QueueCmd::Delete {
