@@ -16,6 +16,7 @@ use super::engine::{
 use super::log::{AppendFuture, QueueLog};
 use super::record::{self, Record};
 use crate::message::Message;
+use warren_storage::client::LogPosition;
 
 /// Commands a queue owner accepts, at most this many queued per queue.
 pub const QUEUE_CHANNEL_CAPACITY: usize = 4096;
@@ -285,7 +286,13 @@ pub fn replay(
 struct PendingAppend {
     fut: AppendFuture,
     confirms: Vec<ConfirmTo>,
+    /// The first position (seq) of an enqueue batch, reported back with its log position
+    /// so the owner knows where it may trim.
+    first_seq: Option<Seq>,
 }
+
+/// Settlements between two attempts to trim the log.
+const TRIM_EVERY: usize = 8192;
 
 /// The owner's state besides the engine.
 pub struct Owner<L: QueueLog> {
@@ -302,6 +309,10 @@ pub struct Owner<L: QueueLog> {
     last_used: u64,
     appends: mpsc::UnboundedSender<PendingAppend>,
     failures: mpsc::UnboundedReceiver<StorageError>,
+    positions: mpsc::UnboundedReceiver<(Seq, LogPosition)>,
+    /// Durable enqueue batches: first seq and log position, oldest first.
+    batches: std::collections::VecDeque<(Seq, LogPosition)>,
+    settled_since_trim: usize,
     batch_durable: Vec<(Seq, Arc<Message>)>,
     batch_confirms_durable: Vec<ConfirmTo>,
     batch_confirms_now: Vec<ConfirmTo>,
@@ -330,7 +341,8 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
     }));
     let (appends, appends_rx) = mpsc::unbounded_channel();
     let (fail_tx, failures) = mpsc::unbounded_channel();
-    tokio::spawn(confirmer(appends_rx, fail_tx));
+    let (pos_tx, positions) = mpsc::unbounded_channel();
+    tokio::spawn(confirmer(appends_rx, fail_tx, pos_tx));
     let owner = Owner {
         engine,
         log,
@@ -344,6 +356,9 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         last_used: 0,
         appends,
         failures,
+        positions,
+        batches: std::collections::VecDeque::new(),
+        settled_since_trim: 0,
         batch_durable: Vec::new(),
         batch_confirms_durable: Vec::new(),
         batch_confirms_now: Vec::new(),
@@ -356,6 +371,7 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
 async fn confirmer(
     mut rx: mpsc::UnboundedReceiver<PendingAppend>,
     failures: mpsc::UnboundedSender<StorageError>,
+    positions: mpsc::UnboundedSender<(Seq, LogPosition)>,
 ) {
     let mut failed = false;
     while let Some(p) = rx.recv().await {
@@ -363,7 +379,12 @@ async fn confirmer(
             false
         } else {
             match p.fut.await {
-                Ok(_) => true,
+                Ok(pos) => {
+                    if let (Some(seq), Some(pos)) = (p.first_seq, pos) {
+                        let _ = positions.send((seq, pos));
+                    }
+                    true
+                }
                 Err(e) => {
                     failed = true;
                     let _ = failures.send(e);
@@ -457,6 +478,9 @@ impl<L: QueueLog> Owner<L> {
             if let Some(reason) = stop {
                 break reason;
             }
+            if self.settled_since_trim >= TRIM_EVERY {
+                self.trim().await;
+            }
             if self.auto_delete && self.engine.is_unused() {
                 break ExitReason::AutoDeleted;
             }
@@ -476,6 +500,26 @@ impl<L: QueueLog> Owner<L> {
         debug!(queue = %self.handle.0.name, ?reason, "queue owner stopped");
         if let Some(f) = self.on_exit.take() {
             f(reason);
+        }
+    }
+
+    /// Let storage free log segments that hold only settled messages. Everything before
+    /// the enqueue batch holding the oldest live message is dead: enqueues there are all
+    /// settled, and settlements there only concern them.
+    async fn trim(&mut self) {
+        self.settled_since_trim = 0;
+        while let Ok(b) = self.positions.try_recv() {
+            self.batches.push_back(b);
+        }
+        let lowest = self.engine.lowest_live().unwrap_or(self.engine.next_seq());
+        while self.batches.len() >= 2 && self.batches[1].0 <= lowest {
+            self.batches.pop_front();
+        }
+        let Some(&(_, before)) = self.batches.front() else {
+            return;
+        };
+        if let Err(e) = self.log.trim(before).await {
+            debug!(queue = %self.handle.0.name, error = %e, "log trim failed; will retry later");
         }
     }
 
@@ -592,18 +636,25 @@ impl<L: QueueLog> Owner<L> {
             f(dead);
         }
         if !self.batch_durable.is_empty() {
+            let first_seq = self.batch_durable.first().map(|(s, _)| *s);
             let rec = record::encode_enqueue(self.batch_durable.iter().map(|(s, m)| (*s, &**m)));
             self.batch_durable.clear();
             let fut = self.log.append(rec);
             let confirms = std::mem::take(&mut self.batch_confirms_durable);
-            let _ = self.appends.send(PendingAppend { fut, confirms });
+            let _ = self.appends.send(PendingAppend {
+                fut,
+                confirms,
+                first_seq,
+            });
         }
         let settled = self.engine.take_settled();
         if !settled.is_empty() && self.log.is_durable() {
+            self.settled_since_trim += settled.len();
             let fut = self.log.append(record::encode_settle(&settled));
             let _ = self.appends.send(PendingAppend {
                 fut,
                 confirms: Vec::new(),
+                first_seq: None,
             });
         }
         if !self.batch_confirms_now.is_empty() {
