@@ -96,6 +96,7 @@ impl Node {
         node.topology.load("/").await?;
         if node.storage.is_some() {
             tokio::spawn(refresh_topology(Arc::downgrade(&node)));
+            tokio::spawn(watch_ownership(Arc::downgrade(&node)));
         }
         Ok(node)
     }
@@ -169,7 +170,7 @@ impl Node {
         });
         let policy = QueuePolicy::from_args(&def.arguments);
         let dead_letter = self.dead_letter_fn(vhost, def);
-        let config = owner::OwnerConfig {
+        let mut config = owner::OwnerConfig {
             id,
             vhost: vhost.to_string(),
             name: def.name.clone(),
@@ -181,12 +182,14 @@ impl Node {
                 Some(v) => crate::handlers::int_arg(v).and_then(|n| u64::try_from(n).ok()),
                 None => None,
             },
+            log_id: None,
         };
         let handle = match (&self.storage, def.durable && !def.exclusive) {
             (Some(storage), true) => {
                 let writer = storage.acquire_log(def.log_id).await?;
                 let epoch = writer.epoch();
                 self.claim(def.log_id, epoch).await?;
+                config.log_id = Some(def.log_id);
                 let mut log = DurableLog::new(writer);
                 let records = crate::queue::log::QueueLog::replay(&mut log).await?;
                 let n = records.len();
@@ -388,6 +391,45 @@ async fn refresh_topology(node: Weak<Node>) {
         for vhost in node.topology.vhosts() {
             if let Err(e) = node.topology.refresh(&vhost).await {
                 tracing::debug!(vhost, error = %e, "topology refresh failed; will retry");
+            }
+        }
+    }
+}
+
+/// How often a node checks that the durable queues it serves are still its own.
+const OWNERSHIP_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Stop serving queues another compute node took over. Fencing already keeps such an
+/// owner from writing; this also keeps it from serving stale reads until its next write.
+async fn watch_ownership(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(OWNERSHIP_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if *node.shutdown.borrow() {
+            return;
+        }
+        let owned: Vec<(QueueHandle, LogId)> = {
+            let map = match node.queues.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.values()
+                .filter(|h| h.shared().durable && !h.is_closed())
+                .filter_map(|h| h.log_id().map(|l| (h.clone(), l)))
+                .collect()
+        };
+        for (handle, log) in owned {
+            let Ok(Some(raw)) = node.meta.get(&descriptor_key(log)).await else {
+                continue;
+            };
+            if let Ok(d) = serde_json::from_slice::<QueueDescriptor>(&raw)
+                && d.owner != node.node_id
+            {
+                handle.send(QueueCmd::Superseded).await;
             }
         }
     }

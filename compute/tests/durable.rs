@@ -285,3 +285,100 @@ async fn durable_topology_declared_on_one_compute_node_reaches_another() {
     }
     assert!(seen, "node b never saw the exchange declared on node a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_compute_nodes_on_one_queue_lose_no_confirmed_message() {
+    let storage = Storage::start().await;
+    let a = Broker::start_with(&storage).await;
+    let b = Broker::start_with(&storage).await;
+    let conn_a = connect(&a.url()).await;
+    let conn_b = connect(&b.url()).await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    let ch_b = conn_b.create_channel().await.unwrap();
+    ch_a.queue_declare("shared".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    // Node b learns of the queue from the registers (bounded wait).
+    let mut seen = false;
+    for _ in 0..200 {
+        let ch = conn_b.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..Default::default()
+        };
+        if ch
+            .queue_declare("shared".into(), passive, FieldTable::default())
+            .await
+            .is_ok()
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen);
+    // Alternate publishers so the queue's log changes hands while messages flow.
+    let mut acked = std::collections::BTreeSet::new();
+    ch_a.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch_b.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for round in 0..4u32 {
+        for (k, ch) in [&ch_a, &ch_b].into_iter().enumerate() {
+            let mut pending = Vec::new();
+            for j in 0..25u32 {
+                let i = round * 50 + k as u32 * 25 + j;
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        "shared".into(),
+                        BasicPublishOptions::default(),
+                        &i.to_be_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap();
+                pending.push((i, confirm));
+            }
+            for (i, confirm) in pending {
+                if timeout(STEP, confirm).await.unwrap().unwrap().is_ack() {
+                    acked.insert(i);
+                }
+            }
+        }
+    }
+    // Nacks are allowed while ownership moves (the publisher may retry), never silent loss.
+    assert!(
+        acked.len() >= 100,
+        "too few publishes were confirmed: {}",
+        acked.len()
+    );
+    // Whichever node serves the queue, every confirmed message is there (at least once).
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..400 {
+        if acked.is_subset(&got) {
+            break;
+        }
+        let ch = match conn_a.create_channel().await {
+            Ok(ch) => ch,
+            Err(_) => break,
+        };
+        match ch
+            .basic_get("shared".into(), BasicGetOptions::default())
+            .await
+        {
+            Ok(Some(m)) => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(&m.delivery.data);
+                got.insert(u32::from_be_bytes(b));
+                m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let missing: Vec<u32> = acked.difference(&got).copied().collect();
+    assert!(missing.is_empty(), "confirmed but lost: {missing:?}");
+}

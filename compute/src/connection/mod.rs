@@ -530,20 +530,58 @@ impl Conn {
                 QueueCmd::Batch(cmds)
             };
             if let Err(mpsc::error::SendError(cmd)) = q.0.tx.send(cmd).await {
-                // Deleted under us: RabbitMQ confirms messages routed to a deleted queue.
-                self.queue_cache.remove(&q.shared().name);
-                let mut confirms = Vec::new();
-                collect_confirms(cmd, &mut confirms);
-                for (channel, seq) in confirms {
-                    if let Some(ch) = self.channels.get_mut(&channel.channel)
-                        && ch.key == channel
-                        && let Some(t) = ch.confirms.as_mut()
-                    {
-                        t.settle(&[seq], true);
-                    }
-                    self.write_confirms(channel.channel);
-                }
+                self.owner_gone(&q, cmd).await;
             }
+        }
+    }
+
+    /// An owner stopped before taking these commands. Settlements die with it (its
+    /// deliveries come back from the log). Publishes go to a new owner if the queue is still
+    /// declared (the old one lost its log, or was superseded), are confirmed if it was
+    /// deleted (as RabbitMQ does), and are nacked if no owner can take them.
+    async fn owner_gone(&mut self, q: &QueueHandle, cmd: QueueCmd) {
+        let name = q.shared().name.clone();
+        self.queue_cache.remove(&name);
+        let mut publishes = Vec::new();
+        collect_publishes(cmd, &mut publishes);
+        if publishes.is_empty() {
+            return;
+        }
+        let def = self
+            .node
+            .topology
+            .snapshot(&self.vhost)
+            .and_then(|t| t.queues.get(&name).cloned());
+        let ok = match def {
+            None => true,
+            Some(def) => match self.node.queue(&self.vhost, &def).await {
+                Ok(fresh) => {
+                    self.queue_cache.insert(name.clone(), fresh.clone());
+                    match fresh.0.tx.send(QueueCmd::Batch(publishes)).await {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(cmd)) => {
+                            publishes = Vec::new();
+                            collect_publishes(cmd, &mut publishes);
+                            false
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(queue = %name, error = %e, "no owner can take publishes; nacking them");
+                    false
+                }
+            },
+        };
+        let mut confirms = Vec::new();
+        collect_confirms(QueueCmd::Batch(publishes), &mut confirms);
+        for (channel, seq) in confirms {
+            if let Some(ch) = self.channels.get_mut(&channel.channel)
+                && ch.key == channel
+                && let Some(t) = ch.confirms.as_mut()
+            {
+                t.settle(&[seq], ok);
+            }
+            self.write_confirms(channel.channel);
         }
     }
 
@@ -1195,6 +1233,18 @@ fn collect_confirms(cmd: QueueCmd, out: &mut Vec<(ChannelKey, u64)>) {
         QueueCmd::Batch(cmds) => {
             for c in cmds {
                 collect_confirms(c, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn collect_publishes(cmd: QueueCmd, out: &mut Vec<QueueCmd>) {
+    match cmd {
+        p @ QueueCmd::Publish { .. } => out.push(p),
+        QueueCmd::Batch(cmds) => {
+            for c in cmds {
+                collect_publishes(c, out);
             }
         }
         _ => {}

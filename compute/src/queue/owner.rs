@@ -161,6 +161,8 @@ pub enum QueueCmd {
     },
     /// Credit came back on a channel-wide limit: try to deliver.
     Wake,
+    /// Another compute node took the queue over: stop serving it here.
+    Superseded,
     /// Several publishes, acks, rejects and wakes from one connection, in order: one
     /// channel operation instead of one per message.
     Batch(Vec<QueueCmd>),
@@ -186,6 +188,8 @@ pub struct QueueShared {
     pub name: String,
     /// Durable queue.
     pub durable: bool,
+    /// The replicated log this owner writes, if it writes one.
+    pub log_id: Option<warren_common::LogId>,
     /// The owner's command channel.
     pub tx: mpsc::Sender<QueueCmd>,
 }
@@ -203,6 +207,11 @@ impl QueueHandle {
     /// The shared part.
     pub fn shared(&self) -> &QueueShared {
         &self.0
+    }
+
+    /// The replicated log this owner writes, if it writes one.
+    pub fn log_id(&self) -> Option<warren_common::LogId> {
+        self.0.log_id
     }
 
     /// Whether the owner has stopped.
@@ -235,6 +244,8 @@ pub struct OwnerConfig {
     pub dead_letter: Option<DeadLetterFn>,
     /// `x-expires` in milliseconds.
     pub expires: Option<u64>,
+    /// The replicated log, for a durable owner.
+    pub log_id: Option<warren_common::LogId>,
 }
 
 /// Why an owner stopped.
@@ -331,12 +342,14 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         on_exit,
         dead_letter,
         expires,
+        log_id,
     } = config;
     let handle = QueueHandle(Arc::new(QueueShared {
         id,
         vhost,
         name,
         durable,
+        log_id,
         tx,
     }));
     let (appends, appends_rx) = mpsc::unbounded_channel();
@@ -601,6 +614,10 @@ impl<L: QueueLog> Owner<L> {
                 }
             }
             QueueCmd::Wake => {}
+            QueueCmd::Superseded => {
+                warn!(queue = %self.handle.0.name, "queue taken over by another compute node; it stops serving here");
+                return Some(ExitReason::LogFailed);
+            }
             QueueCmd::Batch(cmds) => {
                 let mut stop = None;
                 for cmd in cmds {
