@@ -921,9 +921,16 @@ impl LogWriter {
     /// below it. Replay after a takeover starts at the trim point.
     pub async fn trim(&self, before: LogPosition) -> Result<(), StorageError> {
         let core = &self.core;
-        let (epoch, log, current) = (core.epoch, core.log, core.lock().seg_index);
+        let (epoch, log, current, first) = {
+            let st = core.lock();
+            (core.epoch, core.log, st.seg_index, st.meta.first)
+        };
         // Never the segment being written.
         let new_first = before.segment.min(current);
+        if new_first <= first {
+            // Nothing whole to free: no metadata round trip.
+            return Ok(());
+        }
         let key = meta::log_key(log);
         let mut removed = Vec::new();
         let written = core

@@ -18,9 +18,49 @@ pub struct AcceptorStore {
 }
 
 struct Inner {
+    dir: PathBuf,
     file: File,
     keys: HashMap<String, AcceptorState>,
     poisoned: bool,
+    // Bytes in the file now, and bytes a compacted file would hold.
+    file_bytes: u64,
+    live_bytes: u64,
+}
+
+/// The file is rewritten once it is this much larger than its live content, so that the
+/// many versions of frequently updated registers do not pile up.
+const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
+
+/// Write every key's state to a new file and atomically replace `dir/registers` with it;
+/// returns the new file opened for appending and its size. `Err(_, true)` means the
+/// replacement may be half done: the caller must stop using the register file.
+fn rewrite(
+    dir: &Path,
+    keys: &HashMap<String, AcceptorState>,
+) -> Result<(File, u64), (std::io::Error, bool)> {
+    let path = dir.join("registers");
+    let tmp = dir.join("registers.tmp");
+    let mut buf = BytesMut::new();
+    for (k, s) in keys {
+        encode_record(k, s, &mut buf);
+    }
+    let file = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        // Opened before the rename, so the handle is the new file whatever happens next.
+        OpenOptions::new().append(true).open(&tmp)
+    })()
+    .map_err(|e| (e, false))?;
+    std::fs::rename(&tmp, &path).map_err(|e| (e, false))?;
+    sync_dir(dir).map_err(|e| (e, true))?;
+    Ok((file, buf.len() as u64))
+}
+
+fn record_len(key: &str, state: &AcceptorState) -> u64 {
+    let mut buf = BytesMut::new();
+    encode_record(key, state, &mut buf);
+    buf.len() as u64
 }
 
 /// An acceptor's answer to a prepare.
@@ -130,27 +170,17 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl AcceptorStore {
     /// Load `dir/registers`, rewrite it compacted, and open it for appending.
     pub fn open(dir: &Path) -> Result<AcceptorStore, StorageError> {
-        let path: PathBuf = dir.join("registers");
-        let keys = load(&path)?;
-        let tmp = dir.join("registers.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            let mut buf = BytesMut::new();
-            for (k, s) in &keys {
-                encode_record(k, s, &mut buf);
-            }
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(dir)?;
-        let file = OpenOptions::new().append(true).open(&path)?;
+        let keys = load(&dir.join("registers"))?;
+        let (file, size) = rewrite(dir, &keys).map_err(|(e, _)| StorageError::Io(e))?;
         tracing::info!(keys = keys.len(), "register acceptor state loaded");
         Ok(AcceptorStore {
             inner: Mutex::new(Inner {
+                dir: dir.to_path_buf(),
                 file,
                 keys,
                 poisoned: false,
+                file_bytes: size,
+                live_bytes: size,
             }),
         })
     }
@@ -182,7 +212,26 @@ impl AcceptorStore {
             tracing::error!(error = %e, "register file write failed; refusing until restart");
             return Err(e.into());
         }
+        let old_len = inner.keys.get(key).map_or(0, |s| record_len(key, s));
+        inner.live_bytes = inner.live_bytes + buf.len() as u64 - old_len;
+        inner.file_bytes += buf.len() as u64;
         inner.keys.insert(key.to_string(), state);
+        if inner.file_bytes > 2 * inner.live_bytes + COMPACT_SLACK {
+            let inner = &mut *inner;
+            match rewrite(&inner.dir, &inner.keys) {
+                Ok((file, size)) => {
+                    inner.file = file;
+                    inner.file_bytes = size;
+                    inner.live_bytes = size;
+                }
+                Err((e, true)) => {
+                    inner.poisoned = true;
+                    tracing::error!(error = %e, "register file replacement failed; refusing until restart");
+                }
+                // The old file is still complete and open; try again after the next change.
+                Err((e, false)) => tracing::warn!(error = %e, "register file compaction failed"),
+            }
+        }
         Ok(Ok(out))
     }
 
@@ -227,6 +276,37 @@ mod tests {
         assert_eq!(
             s.prepare("k", b(6)).unwrap(),
             Ok((Some(b(1)), Some(bytes::Bytes::from_static(b"v"))))
+        );
+    }
+
+    #[test]
+    fn the_file_is_compacted_while_running_and_stays_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = |c| Ballot {
+            counter: c,
+            proposer: [2; 16],
+        };
+        let value = bytes::Bytes::from(vec![1u8; 25_000]);
+        {
+            let s = AcceptorStore::open(dir.path()).unwrap();
+            for c in 1..=400 {
+                s.accept("k", b(c), Some(value.clone())).unwrap().unwrap();
+            }
+            s.accept("k", b(1001), Some(bytes::Bytes::from_static(b"last")))
+                .unwrap()
+                .unwrap();
+        }
+        let len = std::fs::metadata(dir.path().join("registers"))
+            .unwrap()
+            .len();
+        assert!(
+            len < 8 * 1024 * 1024,
+            "register file not compacted: {len} bytes"
+        );
+        let s = AcceptorStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.prepare("k", b(2000)).unwrap(),
+            Ok((Some(b(1001)), Some(bytes::Bytes::from_static(b"last"))))
         );
     }
 }
