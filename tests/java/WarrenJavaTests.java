@@ -134,13 +134,14 @@ public final class WarrenJavaTests {
                 throw new IllegalStateException(bin + " not found: run `cargo build -p warren` or set WARREN_BIN");
             }
             File log = dev.root.resolve("warren-dev.log").toFile();
-            // setsid: its own process group, so exactly this cluster is killed at the end.
-            ProcessBuilder pb = new ProcessBuilder("setsid", bin, "dev",
+            // setsid: its own process group, so exactly this cluster is killed at the end. The
+            // guard stops the cluster when our end of its stdin closes, even if the JVM dies.
+            ProcessBuilder pb = new ProcessBuilder("setsid", "/bin/sh",
+                    new File("tests/warren-dev-guard.sh").getAbsolutePath(), bin, "dev",
                     "--data-dir", dev.root.resolve("data").toString(),
                     "--amqp-port", String.valueOf(freePort()),
                     "--http-port", String.valueOf(freePort()));
             pb.redirectError(ProcessBuilder.Redirect.appendTo(log));
-            pb.redirectInput(ProcessBuilder.Redirect.from(new File("/dev/null")));
             dev.process = pb.start();
             CompletableFuture<String> ready = new CompletableFuture<>();
             Thread reader = new Thread(() -> {

@@ -54,9 +54,12 @@ class WarrenDev {
     this.logPath = path.join(this.root, 'warren-dev.log');
     const log = fs.openSync(this.logPath, 'a');
     const [amqpPort, httpPort] = [await freePort(), await freePort()];
-    this.proc = spawn(bin, ['dev', '--data-dir', path.join(this.root, 'data'),
+    // The guard stops the cluster when our end of its stdin closes, even if this process
+    // dies without cleaning up.
+    const guard = path.join(ROOT, 'tests', 'warren-dev-guard.sh');
+    this.proc = spawn('/bin/sh', [guard, bin, 'dev', '--data-dir', path.join(this.root, 'data'),
       '--amqp-port', String(amqpPort), '--http-port', String(httpPort)], {
-      stdio: ['ignore', 'pipe', log],
+      stdio: ['pipe', 'pipe', log],
       detached: true, // its own process group
     });
     fs.closeSync(log);

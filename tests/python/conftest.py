@@ -63,14 +63,17 @@ class WarrenDev:
             raise RuntimeError(f"{self.bin} not found: run `cargo build -p warren` or set WARREN_BIN")
         self.log_path = os.path.join(self.root, "warren-dev.log")
         self.log = open(self.log_path, "ab")
+        # The guard stops the cluster when our end of its stdin closes, even if this process
+        # dies without cleaning up.
         self.proc = subprocess.Popen(
             [
+                "/bin/sh", str(ROOT / "tests" / "warren-dev-guard.sh"),
                 self.bin, "dev",
                 "--data-dir", os.path.join(self.root, "data"),
                 "--amqp-port", str(free_port()),
                 "--http-port", str(free_port()),
             ],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
             start_new_session=True,  # own process group: killed as one
@@ -105,9 +108,9 @@ class WarrenDev:
     def stop(self):
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.proc.stdin.close()  # the guard stops warren dev gracefully
+                self.proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)

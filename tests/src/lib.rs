@@ -25,8 +25,9 @@ pub const WARREN_BIN_ENV: &str = "WARREN_BIN";
 /// How long `warren dev` gets to print its AMQP URL.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How long a stopped cluster gets to exit after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long a stopped cluster gets to exit after SIGTERM before it is killed (the guard
+/// script waits 15 s itself).
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// Pick a free loopback port (released before use: a small race tests accept).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -164,8 +165,8 @@ impl WarrenDev {
         self.root.path().join("data")
     }
 
-    /// The pid of the supervisor, which is also the id of the cluster's process group.
-    pub fn supervisor_pid(&self) -> Option<u32> {
+    /// The id of the cluster's process group (its leader is the guard around `warren dev`).
+    pub fn process_group(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
@@ -182,9 +183,7 @@ impl WarrenDev {
     /// The pid of a running child of this cluster (never a recycled pid of another process).
     fn live_child(&self, role: &str, n: usize) -> anyhow::Result<u32> {
         let pid = self.pid(role, n)?;
-        let supervisor = self
-            .supervisor_pid()
-            .context("the cluster is not running")?;
+        let supervisor = self.process_group().context("the cluster is not running")?;
         if !is_child_of(pid, supervisor) {
             bail!("{role}-{n} (pid {pid}) is not running under this cluster");
         }
@@ -239,11 +238,12 @@ impl WarrenDev {
         Ok(())
     }
 
-    /// Stop the cluster gracefully (SIGTERM to the supervisor), killing it after a grace period.
+    /// Stop the cluster gracefully (the guard sends SIGTERM to `warren dev` when its stdin
+    /// closes), killing whatever is left after a grace period.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             let pgid = child.id();
-            let _ = send_signal(pgid, "TERM", false);
+            drop(child.stdin.take());
             let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline {
                 if child.try_wait()?.is_some() {
@@ -294,7 +294,12 @@ impl WarrenDev {
             .append(true)
             .open(self.log_path())
             .context("opening the cluster log")?;
-        let mut child = Command::new(&bin)
+        // The guard stops the cluster when our end of its stdin pipe closes, so a test that
+        // dies (panic = abort, SIGKILL from a runner, Ctrl-C) leaves no cluster behind.
+        let guard = Path::new(env!("CARGO_MANIFEST_DIR")).join("warren-dev-guard.sh");
+        let mut child = Command::new("/bin/sh")
+            .arg(&guard)
+            .arg(&bin)
             .arg("dev")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -302,7 +307,7 @@ impl WarrenDev {
             .arg(self.amqp_port.to_string())
             .arg("--http-port")
             .arg(self.http_port.to_string())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
             // Its own process group, so that exactly this cluster can be killed at once.
