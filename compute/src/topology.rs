@@ -51,6 +51,9 @@ pub struct VhostTopology {
 /// What the register of a vhost holds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Stored {
+    /// Raised by every write, so a reader never replaces newer state with older.
+    #[serde(default)]
+    version: u64,
     exchanges: Vec<ExchangeDef>,
     queues: Vec<QueueDef>,
     bindings: Vec<BindingDef>,
@@ -122,6 +125,16 @@ pub fn predeclared() -> Vec<ExchangeDef> {
         x("amq.match", ExchangeKind::Headers, false),
         x("amq.rabbitmq.trace", ExchangeKind::Topic, true),
     ]
+}
+
+fn stored_version(raw: Option<&Bytes>) -> u64 {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        version: u64,
+    }
+    raw.and_then(|b| serde_json::from_slice::<Version>(b).ok())
+        .map_or(0, |v| v.version)
 }
 
 /// A vhost's topology: the durable part from the register value `raw`, plus this node's
@@ -338,7 +351,8 @@ impl Topology {
     pub async fn refresh(&self, vhost: &str) -> Result<(), AmqpError> {
         let raw = self.meta.get(&register_key(vhost)).await?;
         let _guard = self.write.lock().await;
-        if self.seen(vhost) == raw {
+        // An edit may have installed a newer value while this read was in flight.
+        if stored_version(raw.as_ref()) <= stored_version(self.seen(vhost).as_ref()) {
             return Ok(());
         }
         let transient = self.snapshot(vhost);
@@ -430,6 +444,7 @@ impl Topology {
                 for c in &changes {
                     stored.apply(c);
                 }
+                stored.version += 1;
                 serde_json::to_vec(&stored).ok().map(Bytes::from)
             })
             .await?;
