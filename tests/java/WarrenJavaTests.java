@@ -67,6 +67,9 @@ public final class WarrenJavaTests {
             tests.put("five_megabyte_message_small_frame_max", WarrenJavaTests::largeMessage);
             tests.put("passive_declare_missing_queue_is_404", WarrenJavaTests::passiveDeclareMissing);
             tests.put("wrong_credentials_are_refused", WarrenJavaTests::wrongCredentials);
+            tests.put("mandatory_publish_to_nowhere_is_returned_312", WarrenJavaTests::mandatoryReturn);
+            tests.put("deleting_a_queue_cancels_its_consumer", WarrenJavaTests::consumerCancelNotification);
+            tests.put("qos_and_multiple_ack", WarrenJavaTests::qosAndMultipleAck);
             ExecutorService pool = Executors.newCachedThreadPool(r -> {
                 Thread t = new Thread(r);
                 t.setDaemon(true);
@@ -382,6 +385,69 @@ public final class WarrenJavaTests {
         }
         try (Connection conn = connect()) {
             check(conn.isOpen(), "right credentials still work");
+        }
+    }
+
+    static void mandatoryReturn() throws Exception {
+        try (Connection conn = connect()) {
+            Channel ch = conn.createChannel();
+            BlockingQueue<String> returned = new LinkedBlockingQueue<>();
+            ch.addReturnListener((replyCode, replyText, exchange, routingKey, props, body) ->
+                    returned.add(replyCode + " " + replyText + " " + routingKey + " " + new String(body, StandardCharsets.UTF_8)));
+            ch.confirmSelect();
+            String nowhere = unique("nowhere");
+            ch.basicPublish("", nowhere, true, null, "bounce".getBytes(StandardCharsets.UTF_8));
+            // The return comes before the confirm of the same message.
+            ch.waitForConfirmsOrDie(30_000);
+            checkEq("312 NO_ROUTE " + nowhere + " bounce", returned.poll(30, TimeUnit.SECONDS), "basic.return");
+        }
+    }
+
+    static void consumerCancelNotification() throws Exception {
+        try (Connection conn = connect()) {
+            Channel ch = conn.createChannel();
+            String q = ch.queueDeclare(unique("java-cancel"), false, false, false, null).getQueue();
+            Channel consumerChannel = conn.createChannel();
+            CompletableFuture<String> cancelled = new CompletableFuture<>();
+            String tag = consumerChannel.basicConsume(q, false, new DefaultConsumer(consumerChannel) {
+                @Override
+                public void handleCancel(String consumerTag) {
+                    cancelled.complete(consumerTag);
+                }
+            });
+            ch.queueDelete(q);
+            checkEq(tag, cancelled.get(30, TimeUnit.SECONDS), "cancelled consumer tag");
+            check(consumerChannel.isOpen(), "the consumer's channel stays open");
+        }
+    }
+
+    static void qosAndMultipleAck() throws Exception {
+        try (Connection conn = connect()) {
+            Channel ch = conn.createChannel();
+            String q = ch.queueDeclare(unique("java-qos"), false, true, false, null).getQueue();
+            ch.confirmSelect();
+            for (int i = 0; i < 10; i++) ch.basicPublish("", q, null, String.valueOf(i).getBytes(StandardCharsets.UTF_8));
+            ch.waitForConfirmsOrDie(30_000);
+            Channel consumerChannel = conn.createChannel();
+            consumerChannel.basicQos(4);
+            BlockingQueue<Long> tags = new LinkedBlockingQueue<>();
+            BlockingQueue<String> bodies = new LinkedBlockingQueue<>();
+            consumerChannel.basicConsume(q, false, new DefaultConsumer(consumerChannel) {
+                @Override
+                public void handleDelivery(String tag, Envelope env, AMQP.BasicProperties props, byte[] body) {
+                    bodies.add(new String(body, StandardCharsets.UTF_8));
+                    tags.add(env.getDeliveryTag());
+                }
+            });
+            List<Long> first = new ArrayList<>();
+            for (int i = 0; i < 4; i++) first.add(tags.poll(30, TimeUnit.SECONDS));
+            // Four unacked deliveries out: the other six wait.
+            checkEq(6, ch.queueDeclarePassive(q).getMessageCount(), "ready with 4 unacked");
+            consumerChannel.basicAck(first.get(3), true);
+            for (int i = 0; i < 4; i++) check(tags.poll(30, TimeUnit.SECONDS) != null, "delivery after multiple ack");
+            checkEq(2, ch.queueDeclarePassive(q).getMessageCount(), "ready after multiple ack");
+            List<String> seen = new ArrayList<>(bodies);
+            checkEq(List.of("0", "1", "2", "3", "4", "5", "6", "7"), seen, "order");
         }
     }
 }
