@@ -367,9 +367,9 @@ async fn two_compute_nodes_on_one_queue_lose_no_confirmed_message() {
             }
         }
     }
-    // Nacks are allowed while ownership moves (the publisher may retry), never silent loss.
-    // A publisher whose node lost the queue's log gets nacks for the batch in flight; the
-    // first two turns (a, then b taking over) cannot meet a stale owner.
+    // Publishes a superseded owner could not store are handed to the new owner, so nacks
+    // are rare; they are allowed (the publisher may retry), silent loss never is. The first
+    // two turns (a, then b taking over) cannot meet a stale owner.
     assert!(
         acked.len() >= 50,
         "too few publishes were confirmed: {}",

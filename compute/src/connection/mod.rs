@@ -425,7 +425,7 @@ impl Conn {
             if self.rbuf.capacity() - self.rbuf.len() < 8192 {
                 self.rbuf.reserve(64 * 1024);
             }
-            let reading = !self.finished && !self.decoder_failed();
+            let reading = !self.finished && !self.decoder_failed() && !self.confirm_backlog();
             let close_deadline = self
                 .closing
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -499,6 +499,15 @@ impl Conn {
         }
     }
 
+    /// A channel has as many unconfirmed publishes as allowed: stop reading until confirms
+    /// come back (TCP back-pressure reaches the publisher, as RabbitMQ's flow control does).
+    fn confirm_backlog(&self) -> bool {
+        let limit = self.node.config.limits.max_inflight_confirms;
+        self.channels
+            .values()
+            .any(|c| c.confirms.as_ref().is_some_and(|t| t.in_flight() >= limit))
+    }
+
     fn decoder_failed(&self) -> bool {
         self.closing.is_some() && self.finished
     }
@@ -544,8 +553,16 @@ impl Conn {
         self.queue_cache.remove(&name);
         let mut publishes = Vec::new();
         collect_publishes(cmd, &mut publishes);
+        self.republish(name, publishes).await;
+    }
+
+    /// Hand publishes to the current owner of queue `name` (starting one if needed).
+    async fn republish(&mut self, name: String, mut publishes: Vec<QueueCmd>) {
         if publishes.is_empty() {
             return;
+        }
+        if self.queue_cache.get(&name).is_some_and(|h| h.is_closed()) {
+            self.queue_cache.remove(&name);
         }
         let def = self
             .node
@@ -554,18 +571,15 @@ impl Conn {
             .and_then(|t| t.queues.get(&name).cloned());
         let ok = match def {
             None => true,
-            Some(def) => match self.node.queue(&self.vhost, &def).await {
-                Ok(fresh) => {
-                    self.queue_cache.insert(name.clone(), fresh.clone());
-                    match fresh.0.tx.send(QueueCmd::Batch(publishes)).await {
-                        Ok(()) => return,
-                        Err(mpsc::error::SendError(cmd)) => {
-                            publishes = Vec::new();
-                            collect_publishes(cmd, &mut publishes);
-                            false
-                        }
+            Some(def) => match self.queue_handle(&def).await {
+                Ok(fresh) => match fresh.0.tx.send(QueueCmd::Batch(publishes)).await {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(cmd)) => {
+                        publishes = Vec::new();
+                        collect_publishes(cmd, &mut publishes);
+                        false
                     }
-                }
+                },
                 Err(e) => {
                     warn!(queue = %name, error = %e, "no owner can take publishes; nacking them");
                     false
@@ -1056,6 +1070,17 @@ impl Conn {
                     t.settle(&seqs, ok);
                 }
                 self.write_confirms(channel.channel);
+            }
+            ConnEvent::Reroute {
+                queue,
+                msg,
+                confirm,
+            } => {
+                let cmd = QueueCmd::Publish {
+                    msg,
+                    confirm: Some(confirm),
+                };
+                self.republish(queue, vec![cmd]).await;
             }
             ConnEvent::DirectReply { channel, tag, msg } => {
                 let Some(ch) = self.channels.get_mut(&channel.channel) else {

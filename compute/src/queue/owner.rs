@@ -51,6 +51,16 @@ pub enum ConnEvent {
         /// The reply.
         msg: Arc<Message>,
     },
+    /// A publish this owner accepted but could not store (its log was taken over or
+    /// failed): the publisher's connection hands it to the queue's current owner.
+    Reroute {
+        /// The queue.
+        queue: String,
+        /// The message.
+        msg: Arc<Message>,
+        /// Its confirm.
+        confirm: ConfirmTo,
+    },
     /// The queue went away under a consumer (deleted, or its owner lost the log).
     Cancelled {
         /// The consumer's channel.
@@ -296,7 +306,7 @@ pub fn replay(
 
 struct PendingAppend {
     fut: AppendFuture,
-    confirms: Vec<ConfirmTo>,
+    confirms: Vec<(Arc<Message>, ConfirmTo)>,
     /// The first position (seq) of an enqueue batch, reported back with its log position
     /// so the owner knows where it may trim.
     first_seq: Option<Seq>,
@@ -325,7 +335,7 @@ pub struct Owner<L: QueueLog> {
     batches: std::collections::VecDeque<(Seq, LogPosition)>,
     settled_since_trim: usize,
     batch_durable: Vec<(Seq, Arc<Message>)>,
-    batch_confirms_durable: Vec<ConfirmTo>,
+    batch_confirms_durable: Vec<(Arc<Message>, ConfirmTo)>,
     batch_confirms_now: Vec<ConfirmTo>,
     deliveries: Vec<Delivery>,
 }
@@ -355,7 +365,12 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
     let (appends, appends_rx) = mpsc::unbounded_channel();
     let (fail_tx, failures) = mpsc::unbounded_channel();
     let (pos_tx, positions) = mpsc::unbounded_channel();
-    tokio::spawn(confirmer(appends_rx, fail_tx, pos_tx));
+    tokio::spawn(confirmer(
+        appends_rx,
+        fail_tx,
+        pos_tx,
+        handle.0.name.clone(),
+    ));
     let owner = Owner {
         engine,
         log,
@@ -385,6 +400,7 @@ async fn confirmer(
     mut rx: mpsc::UnboundedReceiver<PendingAppend>,
     failures: mpsc::UnboundedSender<StorageError>,
     positions: mpsc::UnboundedSender<(Seq, LogPosition)>,
+    queue: String,
 ) {
     let mut failed = false;
     while let Some(p) = rx.recv().await {
@@ -405,19 +421,43 @@ async fn confirmer(
                 }
             }
         };
-        send_confirms(p.confirms, ok);
+        if ok {
+            send_confirms(p.confirms.into_iter().map(|(_, c)| c).collect(), true);
+        } else {
+            for (msg, confirm) in p.confirms {
+                reroute(&queue, msg, confirm);
+            }
+        }
     }
 }
 
-/// Answer the confirms of publishes a stopped owner will never handle.
-fn confirm_dropped(cmd: QueueCmd, ok: bool) {
+/// Give a publish back to its publisher's connection for the queue's next owner.
+fn reroute(queue: &str, msg: Arc<Message>, confirm: ConfirmTo) {
+    let sink = confirm.sink.clone();
+    let _ = sink.send(ConnEvent::Reroute {
+        queue: queue.to_string(),
+        msg,
+        confirm,
+    });
+}
+
+/// Answer the confirms of publishes a stopped owner will never handle: confirmed if the
+/// queue was deleted (as RabbitMQ does), else rerouted to the queue's next owner.
+fn confirm_dropped(cmd: QueueCmd, deleted: bool, queue: &str) {
     match cmd {
         QueueCmd::Publish {
-            confirm: Some(c), ..
-        } => send_confirms(vec![c], ok),
+            msg,
+            confirm: Some(c),
+        } => {
+            if deleted {
+                send_confirms(vec![c], true);
+            } else {
+                reroute(queue, msg, c);
+            }
+        }
         QueueCmd::Batch(cmds) => {
             for c in cmds {
-                confirm_dropped(c, ok);
+                confirm_dropped(c, deleted, queue);
             }
         }
         _ => {}
@@ -507,8 +547,7 @@ impl<L: QueueLog> Owner<L> {
         }
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
-            // The queue is gone; RabbitMQ confirms publishes routed to a deleted queue.
-            confirm_dropped(cmd, reason != ExitReason::LogFailed);
+            confirm_dropped(cmd, reason != ExitReason::LogFailed, &self.handle.0.name);
         }
         debug!(queue = %self.handle.0.name, ?reason, "queue owner stopped");
         if let Some(f) = self.on_exit.take() {
@@ -548,10 +587,10 @@ impl<L: QueueLog> Owner<L> {
                 let now = self.now();
                 let seq = self.engine.enqueue(msg.clone(), durable, now);
                 if durable {
-                    self.batch_durable.push((seq, msg));
                     if let Some(c) = confirm {
-                        self.batch_confirms_durable.push(c);
+                        self.batch_confirms_durable.push((msg.clone(), c));
                     }
+                    self.batch_durable.push((seq, msg));
                 } else if let Some(c) = confirm {
                     self.batch_confirms_now.push(c);
                 }
@@ -624,7 +663,11 @@ impl<L: QueueLog> Owner<L> {
                     if stop.is_none() {
                         stop = self.handle_cmd(cmd);
                     } else {
-                        confirm_dropped(cmd, true);
+                        confirm_dropped(
+                            cmd,
+                            stop != Some(ExitReason::LogFailed),
+                            &self.handle.0.name,
+                        );
                     }
                 }
                 return stop;
