@@ -307,3 +307,40 @@ async fn full_segments_roll_over_and_trim_frees_whole_segments() {
     assert_eq!(w2.start().segment, cut.segment);
     assert_eq!(read_all(&w2).await, rest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_never_answers_for_its_old_identity() {
+    let mut cluster = Cluster::start_with_fixed_data_ports(3).await;
+    let log = LogId::random();
+    let data = payloads("x", 20);
+    {
+        let client = cluster.client().await;
+        let w = client.acquire_log(log).await.unwrap();
+        // Node 2 misses every entry: they are acknowledged by nodes 0 and 1 only.
+        cluster.stop(2).await;
+        append_all(&w, &data).await;
+    }
+    // Node 1 goes down; node 0 loses its disk and comes back on the same addresses under a
+    // new identity; node 2 comes back.
+    cluster.stop(1).await;
+    cluster.stop(0).await;
+    cluster.wipe(0);
+    cluster.restart(0).await;
+    cluster.restart(2).await;
+    cluster.wait_identities(4).await;
+
+    // The only copies are on node 1. The new node 0 must not pass for the old one: taking it
+    // as a fenced member that lacks the entries would seal the segment empty and lose them.
+    let client = cluster.client().await;
+    match client.acquire_log(log).await {
+        Err(StorageError::Unavailable(_)) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(w) => panic!(
+            "takeover without the node holding the data; log now {:?}",
+            read_all(&w).await
+        ),
+    }
+    cluster.restart(1).await;
+    let w = client.acquire_log(log).await.unwrap();
+    assert_eq!(read_all(&w).await, data);
+}

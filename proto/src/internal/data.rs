@@ -65,6 +65,8 @@ pub enum Request {
     },
     /// Report journal counters.
     Stats,
+    /// Say which node identity answers on this connection.
+    Identify,
 }
 
 /// One entry returned by a read.
@@ -121,6 +123,13 @@ pub enum Response {
         records: u64,
         /// Bytes written to the journal since start.
         bytes: u64,
+    },
+    /// The identity of the answering node (its 16-byte node id), so that a client never
+    /// takes a node that lost its disk, restarted on the same address under a new identity,
+    /// for the node it replaced.
+    Identity {
+        /// The node id.
+        node: [u8; 16],
     },
     /// The request failed.
     Error {
@@ -219,6 +228,10 @@ pub fn encode_request(id: u64, req: &Request, buf: &mut BytesMut) {
             let at = begin(buf, 6, id);
             finish(buf, at);
         }
+        Request::Identify => {
+            let at = begin(buf, 7, id);
+            finish(buf, at);
+        }
     }
 }
 
@@ -265,6 +278,11 @@ pub fn encode_response(id: u64, resp: &Response, buf: &mut BytesMut) {
             buf.put_u64(*fsyncs);
             buf.put_u64(*records);
             buf.put_u64(*bytes);
+            finish(buf, at);
+        }
+        Response::Identity { node } => {
+            let at = begin(buf, 0x87, id);
+            buf.put_slice(node);
             finish(buf, at);
         }
         Response::Error { code, message } => {
@@ -377,6 +395,10 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<(u64, Request)>, Fram
             done(&b)?;
             Request::Stats
         }
+        7 => {
+            done(&b)?;
+            Request::Identify
+        }
         k => return Err(FrameError::UnknownKind(k)),
     };
     Ok(Some((id, req)))
@@ -438,6 +460,13 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<(u64, Response)>, Fr
             done(&b)?;
             r
         }
+        0x87 => {
+            need(&b, 16)?;
+            let mut node = [0u8; 16];
+            b.copy_to_slice(&mut node);
+            done(&b)?;
+            Response::Identity { node }
+        }
         0x86 => {
             need(&b, 1)?;
             let code = match b.get_u8() {
@@ -488,6 +517,7 @@ mod tests {
             Request::Seal { segment: 9, end: 7 },
             Request::Delete { segment: 9 },
             Request::Stats,
+            Request::Identify,
         ]
     }
 
@@ -518,6 +548,7 @@ mod tests {
                 records: 2,
                 bytes: 3,
             },
+            Response::Identity { node: [9; 16] },
             Response::Error {
                 code: ErrorCode::Invalid,
                 message: "bad".into(),

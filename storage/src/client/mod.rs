@@ -255,11 +255,13 @@ impl ClientInner {
     }
 
     /// The connection to a node, re-reading the registry once if its address is unknown or
-    /// unreachable (nodes may restart on new addresses).
+    /// unreachable (nodes may restart on new addresses). The node must prove its identity:
+    /// a node that lost its disk restarts under a new id, possibly on the old address, and
+    /// must never answer (a fence, a read) for the id it replaced.
     async fn node_conn(&self, node: NodeId) -> Result<Arc<Conn>, StorageError> {
         let first = self.addr_of(node);
         if let Some(addr) = first {
-            match self.data.conn(addr).await {
+            match self.verified_conn(addr, node).await {
                 Ok(c) => return Ok(c),
                 Err(e) => tracing::debug!(%node, error = %e, "storage node unreachable"),
             }
@@ -267,7 +269,7 @@ impl ClientInner {
         let fresh = self.registry_if_stale().await?;
         let result = match fresh.nodes.get(&node) {
             Some(r) if Some(r.data_addr) != first || first.is_none() => {
-                self.data.conn(r.data_addr).await
+                self.verified_conn(r.data_addr, node).await
             }
             Some(r) => Err(StorageError::Unavailable(format!(
                 "storage node {node} at {} unreachable",
@@ -281,6 +283,35 @@ impl ClientInner {
             self.mark_failed(node);
         }
         result
+    }
+
+    async fn verified_conn(
+        &self,
+        addr: SocketAddr,
+        node: NodeId,
+    ) -> Result<Arc<Conn>, StorageError> {
+        let conn = self.data.conn(addr).await?;
+        let id = match conn.identity.get() {
+            Some(id) => *id,
+            None => match conn.request(Request::Identify).await? {
+                Response::Identity { node } => {
+                    let id = NodeId(uuid::Uuid::from_bytes(node));
+                    let _ = conn.identity.set(id);
+                    id
+                }
+                other => {
+                    return Err(StorageError::Unavailable(format!(
+                        "storage node at {addr} did not identify itself: {other:?}"
+                    )));
+                }
+            },
+        };
+        if id != node {
+            return Err(StorageError::Unavailable(format!(
+                "{addr} now serves storage node {id}, not {node}"
+            )));
+        }
+        Ok(conn)
     }
 
     /// One request to a node.

@@ -16,7 +16,7 @@ use warren_proto::internal::data::{self, Request, Response};
 use crate::StorageError;
 
 /// How long connecting to a storage node may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a one-off request may take; pipelined appends rely on the QUIC idle timeout.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,6 +51,8 @@ struct Pending {
 
 /// One open connection to a storage node.
 pub struct Conn {
+    /// The node identity that answered on this connection, once asked.
+    pub identity: std::sync::OnceLock<warren_common::NodeId>,
     // Unbounded because every sender bounds its own requests in flight (a writer's
     // pending window, one request per recovery step); the stream applies backpressure.
     tx: mpsc::UnboundedSender<(Request, ReplyTo)>,
@@ -196,7 +198,11 @@ impl Conn {
             close(&reader_pending, &why);
             conn.close(quinn::VarInt::from_u32(1), b"closed");
         });
-        Ok(Conn { tx, pending })
+        Ok(Conn {
+            identity: std::sync::OnceLock::new(),
+            tx,
+            pending,
+        })
     }
 }
 
@@ -214,7 +220,7 @@ struct Slot {
     failed_at: Option<std::time::Instant>,
 }
 
-const FAIL_FAST: Duration = Duration::from_millis(500);
+const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl DataClient {
     /// A client endpoint presenting this node's certificate.

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use warren_proto::internal::data::{self, ErrorCode, Request, Response};
 
 use super::store::{Mutation, Store};
+use warren_common::NodeId;
 
 /// Most requests in flight on one stream.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -19,7 +20,7 @@ const MAX_READ_ENTRIES: u32 = 4096;
 const MAX_READ_BYTES: u32 = 16 * 1024 * 1024;
 
 /// Accept connections until the endpoint is closed.
-pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>) {
+pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, node: NodeId) {
     while let Some(incoming) = endpoint.accept().await {
         let store = store.clone();
         tokio::spawn(async move {
@@ -34,7 +35,7 @@ pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>) {
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        tokio::spawn(serve_stream(send, recv, store.clone()));
+                        tokio::spawn(serve_stream(send, recv, store.clone(), node));
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "data-plane connection closed");
@@ -46,7 +47,12 @@ pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>) {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, store: Arc<Store>) {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    store: Arc<Store>,
+    node: NodeId,
+) {
     let (tx, mut rx) = mpsc::channel::<(u64, Response)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -79,7 +85,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             let Ok(permit) = tx.clone().reserve_owned().await else {
                 break 'read;
             };
-            dispatch(id, req, permit, &store).await;
+            dispatch(id, req, permit, &store, node).await;
         }
         match recv.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -98,6 +104,7 @@ async fn dispatch(
     req: Request,
     permit: mpsc::OwnedPermit<(u64, Response)>,
     store: &Arc<Store>,
+    node: NodeId,
 ) {
     let mutation = match req {
         Request::Append {
@@ -139,6 +146,15 @@ async fn dispatch(
                 });
                 permit.send((id, resp));
             });
+            return;
+        }
+        Request::Identify => {
+            permit.send((
+                id,
+                Response::Identity {
+                    node: node.0.into_bytes(),
+                },
+            ));
             return;
         }
         Request::Stats => {

@@ -114,7 +114,7 @@ async fn serve(
 ) -> Result<(), StorageError> {
     tracing::info!(%data_addr, %control_addr, zone = %config.zone, "storage node listening");
 
-    let data_task = tokio::spawn(data_server::serve(endpoint.clone(), store.clone()));
+    let data_task = tokio::spawn(data_server::serve(endpoint.clone(), store.clone(), node_id));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = tonic::transport::Server::builder()
         .tls_config(crate::rpc::server_tls(&config.tls)?)

@@ -35,6 +35,16 @@ pub fn init_tracing() {
 
 impl Cluster {
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, false).await
+    }
+
+    /// Nodes keep their data-plane address across restarts (as with a fixed port in a
+    /// config file), instead of picking a new free port at every start.
+    pub async fn start_with_fixed_data_ports(n: usize) -> Cluster {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, fixed_data_ports: bool) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut names: Vec<String> = (1..=n).map(|i| format!("storage-{i}")).collect();
@@ -55,7 +65,12 @@ impl Cluster {
                 name: names[i].clone(),
                 zone: Zone(zones[i % zones.len()].into()),
                 data_dir: dir.path().join(&names[i]),
-                data_addr: "127.0.0.1:0".parse().unwrap(),
+                data_addr: if fixed_data_ports {
+                    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    socket.local_addr().unwrap()
+                } else {
+                    "127.0.0.1:0".parse().unwrap()
+                },
                 control_addr: seeds[i],
                 advertise_data_addr: None,
                 advertise_control_addr: None,
@@ -127,6 +142,27 @@ impl Cluster {
 
     pub async fn restart(&mut self, i: usize) {
         self.nodes[i].spawn(None);
+    }
+
+    /// Lose a stopped node's disk.
+    pub fn wipe(&mut self, i: usize) {
+        std::fs::remove_dir_all(&self.nodes[i].config.data_dir).unwrap();
+    }
+
+    /// Wait until the registry lists at least `n` node identities.
+    pub async fn wait_identities(&self, n: usize) {
+        let regs =
+            warren_storage::client::Registers::connect(&self.seeds, &self.client_tls).unwrap();
+        for _ in 0..600 {
+            if let Ok(Some(b)) = regs.get(NODES_KEY).await {
+                let reg: NodeRegistry = meta::decode(&b).unwrap();
+                if reg.nodes.len() >= n {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{n} storage node identities never registered");
     }
 }
 
