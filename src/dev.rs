@@ -159,14 +159,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     tracing::info!(data_dir = %layout.root.display(), "warren dev cluster ready");
 
-    let result = tokio::select! {
-        _ = shutdown_signal() => Ok(()),
-        exited = first_exit(&mut nodes) => {
-            Err(anyhow::anyhow!("node {} exited unexpectedly ({})", exited.0, exited.1))
+    // A node that exits (crash, or killed by an operator or a fault test) stays down: the
+    // rest of the cluster goes on without it, as a real cluster would.
+    let mut running: Vec<usize> = (0..nodes.len()).collect();
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            (index, status) = first_exit(&mut nodes, &running), if !running.is_empty() => {
+                running.retain(|&i| i != index);
+                tracing::error!(
+                    node = %nodes[index].name,
+                    %status,
+                    "node exited; the cluster goes on without it until warren dev is restarted"
+                );
+            }
         }
-    };
+    }
     stop_all(&mut nodes).await;
-    result
+    Ok(())
 }
 
 fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
@@ -223,18 +233,21 @@ async fn wait_until_accepting(addr: SocketAddr, nodes: &mut [Node]) -> anyhow::R
     }
 }
 
-/// Wait until any node exits; returns its name and exit status.
-async fn first_exit(nodes: &mut [Node]) -> (String, String) {
-    let waits = nodes.iter_mut().map(|node| {
-        Box::pin(async move {
-            let status = node.child.wait().await;
-            let status = match status {
-                Ok(s) => s.to_string(),
-                Err(e) => e.to_string(),
-            };
-            (node.name.clone(), status)
-        })
-    });
+/// Wait until any of the `running` nodes exits; returns its index and exit status.
+async fn first_exit(nodes: &mut [Node], running: &[usize]) -> (usize, String) {
+    let waits = nodes
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| running.contains(i))
+        .map(|(i, node)| {
+            Box::pin(async move {
+                let status = match node.child.wait().await {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                (i, status)
+            })
+        });
     let (exited, _, _) = futures_util::future::select_all(waits).await;
     exited
 }
