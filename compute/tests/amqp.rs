@@ -1061,3 +1061,129 @@ async fn unused_queue_with_x_expires_is_deleted() {
     }
     assert!(gone, "queue with x-expires was never deleted");
 }
+
+/// A raw client: the handshake by hand, so it can then stay silent.
+mod raw {
+    use amq_protocol::frame::{AMQPFrame, gen_frame, parse_frame};
+    use amq_protocol::protocol::{AMQPClass, connection};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub async fn send(sock: &mut TcpStream, frame: AMQPFrame) {
+        let (buf, _) = gen_frame(&frame)(Vec::new().into()).unwrap().into_inner();
+        sock.write_all(&buf).await.unwrap();
+    }
+
+    pub async fn recv(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<AMQPFrame> {
+        loop {
+            if let Ok((rest, frame)) = parse_frame(buf.as_slice()) {
+                let used = buf.len() - rest.len();
+                buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Connect and open with the given heartbeat; returns the socket and leftover bytes.
+    pub async fn open(addr: std::net::SocketAddr, heartbeat: u16) -> (TcpStream, Vec<u8>) {
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+        let mut buf = Vec::new();
+        recv(&mut sock, &mut buf).await.unwrap();
+        let start_ok = connection::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: "\0guest\0guest".into(),
+            locale: "en_US".into(),
+        };
+        send(
+            &mut sock,
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+            ),
+        )
+        .await;
+        let tune = recv(&mut sock, &mut buf).await.unwrap();
+        let AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(tune))) = tune
+        else {
+            panic!("expected connection.tune, got {tune:?}");
+        };
+        assert_eq!(
+            (tune.channel_max, tune.frame_max, tune.heartbeat),
+            (2047, 131072, 60)
+        );
+        let tune_ok = connection::TuneOk {
+            channel_max: tune.channel_max,
+            frame_max: tune.frame_max,
+            heartbeat,
+        };
+        send(
+            &mut sock,
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+            ),
+        )
+        .await;
+        let open = connection::Open {
+            virtual_host: "/".into(),
+        };
+        send(
+            &mut sock,
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(open))),
+        )
+        .await;
+        let ok = recv(&mut sock, &mut buf).await.unwrap();
+        assert!(
+            matches!(
+                ok,
+                AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)))
+            ),
+            "{ok:?}"
+        );
+        (sock, buf)
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_two_missed_heartbeats_and_hears_heartbeats_first() {
+    let broker = Broker::start().await;
+    let (mut sock, mut buf) = raw::open(broker.addr(), 1).await;
+    // The server heartbeats an idle connection, then closes it when nothing comes back.
+    let mut heartbeats = 0;
+    let closed = timeout(Duration::from_secs(30), async {
+        while let Some(f) = raw::recv(&mut sock, &mut buf).await {
+            assert_eq!(
+                f,
+                amq_protocol::frame::AMQPFrame::Heartbeat,
+                "only heartbeats are expected"
+            );
+            heartbeats += 1;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a silent connection open");
+    assert!(heartbeats >= 1, "no heartbeat before closing");
+}
+
+#[tokio::test]
+async fn a_client_that_heartbeats_stays_connected() {
+    use tokio::io::AsyncWriteExt;
+    let broker = Broker::start().await;
+    let (mut sock, mut buf) = raw::open(broker.addr(), 1).await;
+    // Answer every server heartbeat for a while; the connection must stay up throughout.
+    for _ in 0..4 {
+        let f = timeout(Duration::from_secs(30), raw::recv(&mut sock, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(f, Some(amq_protocol::frame::AMQPFrame::Heartbeat));
+        sock.write_all(&[8, 0, 0, 0, 0, 0, 0, 0xCE]).await.unwrap();
+    }
+}
