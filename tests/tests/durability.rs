@@ -433,3 +433,124 @@ async fn without_an_ack_quorum_no_publish_is_confirmed() {
         "the connection did not survive the loss of two storage nodes"
     );
 }
+
+/// Durable exchanges, queues and bindings survive a restart; transient ones do not (as in
+/// RabbitMQ, where non-durable entities are gone after a node restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_durable_topology_and_drops_transient_topology() {
+    use lapin::ExchangeKind;
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+    let mut dev = WarrenDev::start().unwrap();
+    let durable_x = warren_tests::unique_name("durable-x");
+    let transient_x = warren_tests::unique_name("transient-x");
+    let durable_q = warren_tests::unique_name("durable-q");
+    let transient_q = warren_tests::unique_name("transient-q");
+    {
+        let conn = connect(dev.amqp_url()).await;
+        let ch = conn.create_channel().await.unwrap();
+        for (name, durable) in [(&durable_x, true), (&transient_x, false)] {
+            ch.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+        durable_queue(&ch, &durable_q).await;
+        ch.queue_declare(
+            transient_q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            durable_q.as_str().into(),
+            durable_x.as_str().into(),
+            "orders.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+
+    dev.stop().unwrap();
+    dev.restart().unwrap();
+
+    let conn = connect(dev.amqp_url()).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // The binding is still there: routing through the durable exchange reaches the queue.
+    let confirm = ch
+        .basic_publish(
+            durable_x.as_str().into(),
+            "orders.eu.new".into(),
+            BasicPublishOptions::default(),
+            b"routed after restart",
+            persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let got = timeout(
+        STEP,
+        ch.basic_get(
+            durable_q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("message routed through the recovered binding");
+    assert_eq!(got.delivery.data, b"routed after restart");
+
+    for (what, result) in [
+        (
+            "transient queue",
+            ch.queue_declare(
+                transient_q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "transient exchange",
+            conn.create_channel()
+                .await
+                .unwrap()
+                .exchange_declare(
+                    transient_x.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await,
+        ),
+    ] {
+        let err = result.expect_err(&format!("the {what} survived a restart"));
+        assert!(
+            format!("{err}").contains("NOT_FOUND") || format!("{err:?}").contains("404"),
+            "{what}: {err:?}"
+        );
+    }
+}
