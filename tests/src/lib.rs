@@ -497,3 +497,126 @@ pub async fn assert_broker_serves(url: &str) -> anyhow::Result<()> {
         .await
         .context("healthy round trip timed out")?
 }
+
+/// The environment variable that runs the restartable-cluster tests against a throwaway
+/// RabbitMQ (`rabbitmq`) instead of `warren dev`, to prove their expectations.
+pub const REFERENCE_ENV: &str = "WARREN_TEST_REFERENCE";
+
+/// A broker whose processes a test controls as a whole: SIGKILL everything, stop, restart on
+/// the same data.
+pub trait Restartable: Send {
+    /// The URL clients connect to (may change on restart).
+    fn amqp_url(&self) -> &str;
+    /// SIGKILL every process of the broker at once.
+    fn kill_all_sigkill(&mut self) -> anyhow::Result<()>;
+    /// Stop gracefully.
+    fn stop(&mut self) -> anyhow::Result<()>;
+    /// Start again on the same data.
+    fn restart(&mut self) -> anyhow::Result<()>;
+}
+
+impl Restartable for WarrenDev {
+    fn amqp_url(&self) -> &str {
+        WarrenDev::amqp_url(self)
+    }
+    fn kill_all_sigkill(&mut self) -> anyhow::Result<()> {
+        WarrenDev::kill_all_sigkill(self)
+    }
+    fn stop(&mut self) -> anyhow::Result<()> {
+        WarrenDev::stop(self)
+    }
+    fn restart(&mut self) -> anyhow::Result<()> {
+        WarrenDev::restart(self)
+    }
+}
+
+/// A fresh `warren dev` cluster, or with `WARREN_TEST_REFERENCE=rabbitmq` a fresh RabbitMQ.
+pub fn start_restartable() -> anyhow::Result<Box<dyn Restartable>> {
+    match std::env::var(REFERENCE_ENV).as_deref() {
+        Ok("rabbitmq") => Ok(Box::new(ReferenceRabbit::start()?)),
+        Ok("") | Err(_) => Ok(Box::new(WarrenDev::start()?)),
+        Ok(other) => bail!("unknown {REFERENCE_ENV}={other} (expected `rabbitmq`)"),
+    }
+}
+
+/// A RabbitMQ started with `scripts/rabbitmq.sh` in a private directory.
+pub struct ReferenceRabbit {
+    dir: tempfile::TempDir,
+    port: u16,
+    url: String,
+    running: bool,
+}
+
+impl ReferenceRabbit {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rabbitmq.sh")
+    }
+
+    /// Start RabbitMQ on a free port.
+    pub fn start() -> anyhow::Result<ReferenceRabbit> {
+        let dir = tempfile::Builder::new()
+            .prefix("warren-reference-rabbitmq-")
+            .tempdir()?;
+        let mut rabbit = ReferenceRabbit {
+            dir,
+            port: free_port()?,
+            url: String::new(),
+            running: false,
+        };
+        rabbit.run_script("start")?;
+        Ok(rabbit)
+    }
+
+    fn run_script(&mut self, action: &str) -> anyhow::Result<()> {
+        let out = Command::new("bash")
+            .arg(Self::script())
+            .arg(action)
+            .arg(self.dir.path())
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .context("running scripts/rabbitmq.sh")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/rabbitmq.sh {action} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if action == "start" {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let url = stdout
+                .lines()
+                .find(|l| l.starts_with("amqp://"))
+                .context("scripts/rabbitmq.sh printed no URL")?;
+            self.url = normalize_url(url);
+        }
+        self.running = action == "start";
+        Ok(())
+    }
+}
+
+impl Restartable for ReferenceRabbit {
+    fn amqp_url(&self) -> &str {
+        &self.url
+    }
+    fn kill_all_sigkill(&mut self) -> anyhow::Result<()> {
+        let pgid_file = self.dir.path().join("state").join("server.pgid");
+        let pgid: u32 = std::fs::read_to_string(&pgid_file)?.trim().parse()?;
+        send_signal(pgid, "KILL", true)?;
+        wait_gone(pgid, true, Duration::from_secs(10));
+        Ok(())
+    }
+    fn stop(&mut self) -> anyhow::Result<()> {
+        self.run_script("stop")
+    }
+    fn restart(&mut self) -> anyhow::Result<()> {
+        // `start` first clears what is left of the previous run (epmd, a killed server).
+        self.run_script("start")
+    }
+}
+
+impl Drop for ReferenceRabbit {
+    fn drop(&mut self) {
+        let _ = self.run_script("stop");
+    }
+}

@@ -1,12 +1,13 @@
 //! No confirmed message is ever lost (invariant 1), whatever process is killed with SIGKILL;
 //! unacked deliveries come back with `redelivered=true` (at-least-once).
 //!
-//! These tests need process control, so they always start their own `warren dev` cluster.
-//! The expectations match RabbitMQ 3.10 (checked by SIGKILLing a durable classic queue's
-//! broker started with `scripts/rabbitmq.sh` and restarting it on the same directory): every
-//! confirmed message comes back in order and every unacked one has `redelivered=true`; acks
-//! given just before the kill may be lost (so acked messages may come back), and RabbitMQ
-//! marks even never-delivered recovered messages as redelivered, so neither is asserted.
+//! These tests need process control. Those that only kill and restart the broker as a whole
+//! run against `warren dev`, or with `WARREN_TEST_REFERENCE=rabbitmq` against a throwaway
+//! RabbitMQ (`scripts/test.sh --against-rabbitmq` does that), which proves the expectations:
+//! after a SIGKILL every confirmed message comes back in order and every unacked one has
+//! `redelivered=true`. Acks given just before the kill may be lost (RabbitMQ 3.10 brings such
+//! messages back), and RabbitMQ marks even never-delivered recovered messages as redelivered,
+//! so neither is asserted. The storage-node tests are Warren's alone.
 #![allow(clippy::unwrap_used)]
 
 use futures_lite::StreamExt;
@@ -228,7 +229,7 @@ async fn storage_node_killed_during_confirmed_publishes_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_after_kill_all_recovers_confirmed_in_order_and_redelivers_unacked() {
-    let mut dev = WarrenDev::start().unwrap();
+    let mut dev = warren_tests::start_restartable().unwrap();
     let queue = warren_tests::unique_name("kill-all");
     const TOTAL: u64 = 1000;
     const ACKED: u64 = 200;
@@ -310,7 +311,7 @@ async fn restart_after_kill_all_recovers_confirmed_in_order_and_redelivers_unack
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_all_during_confirmed_publishes_keeps_every_confirmed_message() {
-    let mut dev = WarrenDev::start().unwrap();
+    let mut dev = warren_tests::start_restartable().unwrap();
     let queue = warren_tests::unique_name("kill-all-publishing");
     let published = {
         let conn = connect(dev.amqp_url()).await;
@@ -321,7 +322,7 @@ async fn kill_all_during_confirmed_publishes_keeps_every_confirmed_message() {
             .unwrap();
         durable_queue(&channel, &queue).await;
         const KILL_AT: u64 = 1500;
-        let dev_ref = &mut dev;
+        let dev_ref = &mut *dev;
         let published = publish_confirmed(&channel, &queue, 0..1_000_000, 64, |id| {
             if id == KILL_AT {
                 dev_ref.kill_all_sigkill().unwrap();
@@ -440,7 +441,7 @@ async fn without_an_ack_quorum_no_publish_is_confirmed() {
 async fn restart_keeps_durable_topology_and_drops_transient_topology() {
     use lapin::ExchangeKind;
     use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
-    let mut dev = WarrenDev::start().unwrap();
+    let mut dev = warren_tests::start_restartable().unwrap();
     let durable_x = warren_tests::unique_name("durable-x");
     let transient_x = warren_tests::unique_name("transient-x");
     let durable_q = warren_tests::unique_name("durable-q");
