@@ -5,6 +5,7 @@ use std::sync::Arc;
 use amq_protocol::protocol::{AMQPClass, basic};
 use bytes::Bytes;
 use tokio::sync::oneshot;
+use tracing::warn;
 use warren_proto::amqp::Content;
 
 use super::{int_arg, random_name, rs};
@@ -430,19 +431,32 @@ impl Conn {
             );
         }
         let mut handles = Vec::with_capacity(targets.len());
+        let mut unavailable = 0u32;
         for name in &targets {
             let Some(def) = topo.queues.get(name).cloned() else {
                 continue;
             };
-            handles.push(self.queue_handle(&def).await?);
+            match self.queue_handle(&def).await {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Storage cannot serve the queue now: the publish is nacked, and the
+                    // connection lives on (as with a RabbitMQ quorum queue without quorum).
+                    warn!(queue = %name, error = %e, "queue unavailable for a publish");
+                    unavailable += 1;
+                }
+            }
         }
         self.route_buf = targets;
         let ch = self.ch(id)?;
         let key = ch.key;
-        let seq = ch
-            .confirms
-            .as_mut()
-            .map(|t| t.publish(u32::try_from(handles.len()).unwrap_or(u32::MAX)));
+        let targets_n = u32::try_from(handles.len()).unwrap_or(u32::MAX) + unavailable;
+        let seq = ch.confirms.as_mut().map(|t| {
+            let seq = t.publish(targets_n);
+            for _ in 0..unavailable {
+                t.settle(&[seq], false);
+            }
+            seq
+        });
         for q in handles {
             let confirm = seq.map(|seq| ConfirmTo {
                 sink: self.sink.clone(),
