@@ -1195,3 +1195,39 @@ async fn a_client_that_heartbeats_stays_connected() {
         sock.write_all(&[8, 0, 0, 0, 0, 0, 0, 0xCE]).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn reject_publish_overflow_nacks_when_full() {
+    let broker = Broker::start().await;
+    let conn = connect(&broker.url()).await;
+    let ch = channel(&conn).await;
+    ch.queue_declare(
+        "full".into(),
+        QueueDeclareOptions::default(),
+        table(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for body in [b"first", b"secnd"] {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                "full".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        outcomes.push(timeout(STEP, c).await.unwrap().unwrap().is_ack());
+    }
+    assert_eq!(outcomes, vec![true, false]);
+    assert_eq!(drain(&ch, "full").await, vec![b"first".to_vec()]);
+}

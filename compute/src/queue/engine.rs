@@ -158,6 +158,12 @@ pub struct QueuePolicy {
     pub max_priority: Option<u8>,
     /// `x-dead-letter-exchange` is set: removed messages must be reported.
     pub dead_letter: bool,
+    /// `x-overflow = reject-publish` (or `reject-publish-dlx`): a full queue refuses new
+    /// messages instead of dropping its oldest.
+    pub reject_publish: bool,
+    /// `x-single-active-consumer`: one consumer at a time gets messages; the next one
+    /// (in registration order) takes over when it goes.
+    pub single_active: bool,
 }
 
 impl QueuePolicy {
@@ -184,6 +190,15 @@ impl QueuePolicy {
                 .and_then(|n| u8::try_from(n.clamp(0, 255)).ok())
                 .filter(|p| *p > 0),
             dead_letter: args.inner().contains_key("x-dead-letter-exchange"),
+            reject_publish: matches!(
+                args.inner().get("x-overflow"),
+                Some(AMQPValue::LongString(s))
+                    if s.as_bytes() == b"reject-publish" || s.as_bytes() == b"reject-publish-dlx"
+            ),
+            single_active: matches!(
+                args.inner().get("x-single-active-consumer"),
+                Some(AMQPValue::Boolean(true))
+            ),
         }
     }
 }
@@ -325,6 +340,9 @@ impl QueueEngine {
     }
 
     fn enforce_length(&mut self) {
+        if self.policy.reject_publish {
+            return;
+        }
         loop {
             let over_count = self.policy.max_length.is_some_and(|m| self.ready.len() > m);
             let over_bytes = self
@@ -364,6 +382,25 @@ impl QueueEngine {
     /// Durable messages settled since the last call: the owner logs them.
     pub fn take_settled(&mut self) -> Vec<Seq> {
         std::mem::take(&mut self.settled)
+    }
+
+    /// Whether a new message would exceed `x-max-length` / `x-max-length-bytes` with
+    /// `x-overflow = reject-publish`: the publish is refused (nacked).
+    pub fn would_reject(&self, msg: &Message) -> bool {
+        self.policy.reject_publish
+            && (self
+                .policy
+                .max_length
+                .is_some_and(|m| self.ready.len() >= m)
+                || self
+                    .policy
+                    .max_length_bytes
+                    .is_some_and(|m| self.ready_bytes + msg.body.len() as u64 > m))
+    }
+
+    /// The single active consumer: the oldest one still attached.
+    fn active_consumer(&self) -> Option<ConsumerId> {
+        self.consumers.keys().min().copied()
     }
 
     /// Add a message at the tail (of its priority); returns its position. `now` is the
@@ -516,6 +553,11 @@ impl QueueEngine {
     }
 
     fn pick_consumer(&mut self) -> Option<ConsumerId> {
+        if self.policy.single_active {
+            let active = self.active_consumer()?;
+            let c = self.consumers.get_mut(&active)?;
+            return c.take_credit().then_some(active);
+        }
         let consumers = &mut self.consumers;
         for ring in self.rings.values_mut() {
             for _ in 0..ring.len() {
@@ -984,5 +1026,47 @@ mod tests {
             assert_eq!(q.take_dead().len(), usize::from(dlx));
             assert_eq!(q.take_settled(), vec![e.seq]);
         }
+    }
+
+    #[test]
+    fn reject_publish_refuses_instead_of_dropping() {
+        let policy = QueuePolicy {
+            max_length: Some(2),
+            reject_publish: true,
+            ..Default::default()
+        };
+        let mut q = QueueEngine::with_policy(policy);
+        let mut accepted = 0;
+        for i in 0..5 {
+            let m = msg(&i.to_string());
+            if !q.would_reject(&m) {
+                q.enqueue(m, false, 0);
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 2);
+        assert_eq!(drain(&mut q, 0), vec!["0", "1"]);
+    }
+
+    #[test]
+    fn single_active_consumer_gets_everything_until_it_goes() {
+        let mut q = QueueEngine::with_policy(QueuePolicy {
+            single_active: true,
+            ..Default::default()
+        });
+        q.add_consumer(consumer(1, ch(1), 0)).unwrap();
+        q.add_consumer(consumer(2, ch(1), 0)).unwrap();
+        for i in 0..3 {
+            q.enqueue(msg(&i.to_string()), false, 0);
+        }
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        assert!(out.iter().all(|d| d.consumer == ConsumerId(1)));
+        q.cancel(ConsumerId(1));
+        q.enqueue(msg("after"), false, 0);
+        let mut out = Vec::new();
+        q.dispatch(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].consumer, ConsumerId(2));
     }
 }

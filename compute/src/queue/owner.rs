@@ -583,6 +583,13 @@ impl<L: QueueLog> Owner<L> {
     fn handle_cmd(&mut self, cmd: QueueCmd) -> Option<ExitReason> {
         match cmd {
             QueueCmd::Publish { msg, confirm } => {
+                if self.engine.would_reject(&msg) {
+                    // x-overflow = reject-publish: RabbitMQ nacks (or silently drops).
+                    if let Some(c) = confirm {
+                        send_confirms(vec![c], false);
+                    }
+                    return None;
+                }
                 let durable = self.log.is_durable() && msg.persistent;
                 let now = self.now();
                 let seq = self.engine.enqueue(msg.clone(), durable, now);
