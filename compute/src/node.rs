@@ -50,6 +50,11 @@ pub struct ReplyConsumer {
     pub tag: Arc<str>,
 }
 
+/// A queue by vhost and name.
+type QueueKey = (String, String);
+/// Held while a queue's owner is being started.
+type OpenLock = Arc<tokio::sync::Mutex<()>>;
+
 /// State shared by every connection on this node.
 pub struct Node {
     /// The configuration.
@@ -63,7 +68,8 @@ pub struct Node {
     meta: Meta,
     queues: Mutex<HashMap<(String, String), QueueHandle>>,
     reply_to: Mutex<HashMap<String, ReplyConsumer>>,
-    opening: tokio::sync::Mutex<()>,
+    /// One lock per queue being opened: a long replay of one queue must not hold up others.
+    opening: Mutex<HashMap<QueueKey, OpenLock>>,
     ids: AtomicU64,
     this: Weak<Node>,
     /// Set to true when the node stops: connections close with 320 CONNECTION_FORCED.
@@ -88,7 +94,7 @@ impl Node {
             meta,
             queues: Mutex::new(HashMap::new()),
             reply_to: Mutex::new(HashMap::new()),
-            opening: tokio::sync::Mutex::new(()),
+            opening: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             this: this.clone(),
             shutdown: tokio::sync::watch::channel(false).0,
@@ -153,7 +159,33 @@ impl Node {
         if let Some(h) = self.running(vhost, &def.name) {
             return Ok(h);
         }
-        let _guard = self.opening.lock().await;
+        let lock = {
+            let mut map = match self.opening.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.entry((vhost.to_string(), def.name.clone()))
+                .or_default()
+                .clone()
+        };
+        let guard = lock.lock().await;
+        let result = self.open_queue(vhost, def).await;
+        drop(guard);
+        {
+            let mut map = match self.opening.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let key = (vhost.to_string(), def.name.clone());
+            // Forget the lock once nobody else waits on it.
+            if map.get(&key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+                map.remove(&key);
+            }
+        }
+        result
+    }
+
+    async fn open_queue(&self, vhost: &str, def: &Arc<QueueDef>) -> Result<QueueHandle, AmqpError> {
         if let Some(h) = self.running(vhost, &def.name) {
             return Ok(h);
         }
