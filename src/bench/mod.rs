@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// for consumers to receive everything that was published.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// List each confirm slower than this many milliseconds in the JSON report (the first 50
+    /// of each producer), with its publish time, to line up with broker logs.
+    #[arg(long, default_value_t = 100)]
+    pub slow_confirm_ms: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -349,6 +353,7 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
             rate: args.rate,
             end,
             give_up: end + drain_timeout,
+            slow_confirm: Duration::from_millis(args.slow_confirm_ms),
         };
         producers.spawn(producer::run(conn, plan, clock, Arc::clone(&counters)));
     }
@@ -393,10 +398,12 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
 
     // Producers stop by themselves at `end` and wait for their confirms until `give_up`.
     let mut confirm_latency = new_histogram();
+    let mut slow_confirms = Vec::new();
     let mut unconfirmed = 0;
     while let Some(done) = producers.join_next().await {
         let outcome = done.context("producer task")??;
         confirm_latency.add(&outcome.confirm_latency)?;
+        slow_confirms.extend(outcome.slow_confirms);
         unconfirmed += outcome.unconfirmed;
     }
     if unconfirmed > 0 {
@@ -452,6 +459,10 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
         drain_s,
         confirm_latency_us: Latency::of(&confirm_latency),
         e2e_latency_us: Latency::of(&e2e_latency),
+        slow_confirms: {
+            slow_confirms.sort_by_key(|c| c.sent_unix_ms);
+            slow_confirms
+        },
         samples,
         bench_cpu_s: None,
     })

@@ -2,7 +2,7 @@
 //! the default exchange, with an optional confirm window and rate limit.
 
 use super::payload::RunClock;
-use super::report::{Counters, new_histogram, record};
+use super::report::{Counters, SlowConfirm, new_histogram, record};
 use anyhow::Context as _;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use hdrhistogram::Histogram;
@@ -37,13 +37,20 @@ pub struct ProducerPlan {
     pub end: Instant,
     /// When waiting for outstanding confirms gives up.
     pub give_up: Instant,
+    /// Confirms slower than this are listed individually.
+    pub slow_confirm: Duration,
 }
+
+/// Slow confirms a producer keeps for the report, at most.
+const MAX_SLOW_CONFIRMS: usize = 50;
 
 /// What a producer measured.
 #[derive(Debug)]
 pub struct ProducerOutcome {
     /// Publish-to-confirm latencies.
     pub confirm_latency: Histogram<u64>,
+    /// The first confirms slower than the plan's threshold, to correlate with broker logs.
+    pub slow_confirms: Vec<SlowConfirm>,
     /// Confirms still outstanding when the producer gave up waiting.
     pub unconfirmed: usize,
 }
@@ -71,6 +78,7 @@ pub async fn run(
     let routing_key = ShortString::from(plan.queue.as_str());
     let mut body = clock.new_body(plan.size, plan.index);
     let mut confirm_latency = new_histogram();
+    let mut slow_confirms = Vec::new();
 
     let interval = (plan.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / plan.rate));
     let mut next_at = Instant::now();
@@ -99,7 +107,11 @@ pub async fn run(
                 let (result, sent_at): (lapin::Result<lapin::Confirmation>, Instant) = done;
                 let confirmation = result.context("waiting for a publisher confirm")?;
                 if confirmation.is_ack() {
-                    record(&mut confirm_latency, sent_at.elapsed());
+                    let latency = sent_at.elapsed();
+                    record(&mut confirm_latency, latency);
+                    if latency >= plan.slow_confirm && slow_confirms.len() < MAX_SLOW_CONFIRMS {
+                        slow_confirms.push(SlowConfirm::new(&clock, plan.index, latency));
+                    }
                     counters.confirmed.fetch_add(1, Ordering::Relaxed);
                 } else {
                     counters.nacked.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +168,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
     Ok(ProducerOutcome {
         confirm_latency,
+        slow_confirms,
         unconfirmed,
     })
 }

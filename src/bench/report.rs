@@ -1,5 +1,6 @@
 //! Counters shared while a run is under way, and the report made from them at the end.
 
+use super::payload::RunClock;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +105,30 @@ pub struct Sample {
     pub rates: Rates,
 }
 
+/// One confirm slower than the run's threshold.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SlowConfirm {
+    /// When the message was published, in milliseconds since the Unix epoch (to line up with
+    /// broker logs).
+    pub sent_unix_ms: u64,
+    /// Publish-to-confirm latency in milliseconds.
+    pub latency_ms: f64,
+    /// Which producer published it.
+    pub producer: u32,
+}
+
+impl SlowConfirm {
+    /// A confirm that just arrived `latency` after its publish.
+    pub fn new(clock: &RunClock, producer: u32, latency: Duration) -> Self {
+        let sent = clock.now_nanos().saturating_sub(latency.as_nanos() as u64);
+        SlowConfirm {
+            sent_unix_ms: sent / 1_000_000,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            producer,
+        }
+    }
+}
+
 /// Latency percentiles in microseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Latency {
@@ -192,6 +217,8 @@ pub struct Report {
     pub confirm_latency_us: Latency,
     /// Publish-to-delivery latency in microseconds.
     pub e2e_latency_us: Latency,
+    /// Confirms slower than --slow-confirm-ms (the first few of each producer), in time order.
+    pub slow_confirms: Vec<SlowConfirm>,
     /// Per-second progress.
     pub samples: Vec<Sample>,
     /// CPU seconds (user + system) used by this bench process, to show it was not the bottleneck.
@@ -253,6 +280,17 @@ impl Report {
             },
             self.drain_s
         ));
+        if !self.slow_confirms.is_empty() {
+            let worst = self
+                .slow_confirms
+                .iter()
+                .map(|c| c.latency_ms)
+                .fold(0.0, f64::max);
+            out.push_str(&format!(
+                "slow confirms listed in the JSON report: {} (worst {worst:.0} ms)\n",
+                self.slow_confirms.len()
+            ));
+        }
         if let Some(cpu) = self.bench_cpu_s {
             out.push_str(&format!("bench process CPU: {cpu:.2} s\n"));
         }
