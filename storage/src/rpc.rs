@@ -16,8 +16,8 @@ use tonic_prost::ProstCodec;
 use warren_common::config::TlsPaths;
 use warren_common::tls::CLUSTER_SERVER_NAME;
 use warren_proto::internal::registers::{
-    ACCEPT_PATH, AcceptReply, AcceptRequest, Ballot as WireBallot, PREPARE_PATH, PrepareReply,
-    PrepareRequest, SERVICE,
+    ACCEPT_PATH, AcceptReply, AcceptRequest, AcceptorRecord, Ballot as WireBallot, DUMP_PATH,
+    DumpReply, DumpRequest, PREPARE_PATH, PrepareReply, PrepareRequest, SERVICE,
 };
 
 use crate::StorageError;
@@ -102,6 +102,21 @@ async fn accept(
     })
 }
 
+async fn dump(store: Arc<AcceptorStore>, _req: DumpRequest) -> Result<DumpReply, tonic::Status> {
+    let ready = store.is_ready();
+    let records = store
+        .dump()
+        .into_iter()
+        .map(|(key, s)| AcceptorRecord {
+            key,
+            promised: s.promised.map(ballot_to_wire),
+            accepted: s.accepted.map(ballot_to_wire),
+            value: s.value,
+        })
+        .collect();
+    Ok(DumpReply { ready, records })
+}
+
 /// The register acceptor as a tonic service.
 #[derive(Clone)]
 pub struct RegistersService {
@@ -162,6 +177,12 @@ where
                 let mut grpc =
                     tonic::server::Grpc::new(ProstCodec::<AcceptReply, AcceptRequest>::default());
                 let svc = Unary(move |r| accept(store.clone(), r));
+                Ok(grpc.unary(svc, req).await)
+            }),
+            DUMP_PATH => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<DumpReply, DumpRequest>::default());
+                let svc = Unary(move |r| dump(store.clone(), r));
                 Ok(grpc.unary(svc, req).await)
             }),
             _ => Box::pin(
@@ -245,6 +266,34 @@ impl AcceptorClient {
     /// Phase 1.
     pub async fn prepare(&self, req: PrepareRequest) -> Result<PrepareReply, StorageError> {
         self.unary(PREPARE_PATH, req).await
+    }
+
+    /// The acceptor's whole state, and whether it serves.
+    pub async fn dump(
+        &self,
+    ) -> Result<
+        (
+            bool,
+            Vec<(String, crate::protocol::caspaxos::AcceptorState)>,
+        ),
+        StorageError,
+    > {
+        let reply: DumpReply = self.unary(DUMP_PATH, DumpRequest {}).await?;
+        let bad = |e: tonic::Status| StorageError::Corrupt(e.message().to_string());
+        let mut out = Vec::with_capacity(reply.records.len());
+        for r in reply.records {
+            let promised = r.promised.map(|b| ballot_from_wire(Some(b))).transpose();
+            let accepted = r.accepted.map(|b| ballot_from_wire(Some(b))).transpose();
+            out.push((
+                r.key,
+                crate::protocol::caspaxos::AcceptorState {
+                    promised: promised.map_err(bad)?,
+                    accepted: accepted.map_err(bad)?,
+                    value: r.value,
+                },
+            ));
+        }
+        Ok((reply.ready, out))
     }
 
     /// Phase 2.

@@ -310,27 +310,57 @@ async fn full_segments_roll_over_and_trim_frees_whole_segments() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_disk_never_answers_for_its_old_identity() {
-    let mut cluster = Cluster::start_with_fixed_data_ports(3).await;
+    use warren_storage::meta::{self, LogMeta, NODES_KEY, NodeRegistry};
+    // Five nodes, so that registers keep a majority through everything below.
+    let mut cluster = Cluster::start_with_fixed_data_ports(5).await;
     let log = LogId::random();
     let data = payloads("x", 20);
-    {
-        let client = cluster.client().await;
-        let w = client.acquire_log(log).await.unwrap();
-        // Node 2 misses every entry: they are acknowledged by nodes 0 and 1 only.
-        cluster.stop(2).await;
-        append_all(&w, &data).await;
-    }
-    // Node 1 goes down; node 0 loses its disk and comes back on the same addresses under a
-    // new identity; node 2 comes back.
-    cluster.stop(1).await;
-    cluster.stop(0).await;
-    cluster.wipe(0);
-    cluster.restart(0).await;
-    cluster.restart(2).await;
-    cluster.wait_identities(4).await;
+    let client = cluster.client().await;
+    let regs = client.registers();
+    let w = client.acquire_log(log).await.unwrap();
+    let registry: NodeRegistry =
+        meta::decode(&regs.get(NODES_KEY).await.unwrap().unwrap()).unwrap();
+    let desc: LogMeta =
+        meta::decode(&regs.get(&meta::log_key(log)).await.unwrap().unwrap()).unwrap();
+    let ensemble: Vec<usize> = desc.segments[0]
+        .ensemble
+        .iter()
+        .map(|id| {
+            let name = &registry.nodes[id].name;
+            cluster
+                .nodes
+                .iter()
+                .position(|n| &n.config.name == name)
+                .unwrap()
+        })
+        .collect();
+    let (x, y, z) = (ensemble[0], ensemble[1], ensemble[2]);
+    let others: Vec<usize> = (0..5).filter(|i| !ensemble.contains(i)).collect();
 
-    // The only copies are on node 1. The new node 0 must not pass for the old one: taking it
-    // as a fenced member that lacks the entries would seal the segment empty and lose them.
+    // Member x misses every entry: they are acknowledged by y and z only. (The other two
+    // nodes are down too, so the writer cannot move to a new ensemble: it tries, finds no
+    // metadata majority, and writes on with y and z.)
+    for o in &others {
+        cluster.stop(*o).await;
+    }
+    cluster.stop(x).await;
+    append_all(&w, &data).await;
+    drop(w);
+    drop(client);
+    // y goes down; z loses its disk and comes back on the same addresses under a new
+    // identity; x comes back.
+    cluster.stop(y).await;
+    cluster.stop(z).await;
+    cluster.wipe(z);
+    cluster.restart(z).await;
+    cluster.restart(x).await;
+    for o in &others {
+        cluster.restart(*o).await;
+    }
+    cluster.wait_identities(6).await;
+
+    // The only copies are on y. The new z must not pass for the old one: taking it as a
+    // fenced member that lacks the entries would seal the segment empty and lose them.
     let client = cluster.client().await;
     match client.acquire_log(log).await {
         Err(StorageError::Unavailable(_)) => {}
@@ -340,7 +370,7 @@ async fn a_node_that_lost_its_disk_never_answers_for_its_old_identity() {
             read_all(&w).await
         ),
     }
-    cluster.restart(1).await;
+    cluster.restart(y).await;
     let w = client.acquire_log(log).await.unwrap();
     assert_eq!(read_all(&w).await, data);
 }

@@ -12,6 +12,8 @@ pub const SERVICE: &str = "warren.internal.Registers";
 pub const PREPARE_PATH: &str = "/warren.internal.Registers/Prepare";
 /// Full gRPC path of [`AcceptRequest`].
 pub const ACCEPT_PATH: &str = "/warren.internal.Registers/Accept";
+/// Full gRPC path of [`DumpRequest`].
+pub const DUMP_PATH: &str = "/warren.internal.Registers/Dump";
 
 /// A CASPaxos ballot: ordered by counter, then by proposer id.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -75,6 +77,38 @@ pub struct AcceptReply {
     /// When refused: the highest ballot the acceptor has promised.
     #[prost(message, optional, tag = "2")]
     pub conflict: Option<Ballot>,
+}
+
+/// Ask an acceptor for its whole state (used by an acceptor that lost its disk to catch up).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DumpRequest {}
+
+/// One key's acceptor state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AcceptorRecord {
+    /// The register key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// The highest ballot promised.
+    #[prost(message, optional, tag = "2")]
+    pub promised: Option<Ballot>,
+    /// The ballot of the accepted value.
+    #[prost(message, optional, tag = "3")]
+    pub accepted: Option<Ballot>,
+    /// The accepted value.
+    #[prost(bytes = "bytes", optional, tag = "4")]
+    pub value: Option<Bytes>,
+}
+
+/// An acceptor's whole state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DumpReply {
+    /// Whether this acceptor serves (false: it is catching up itself).
+    #[prost(bool, tag = "1")]
+    pub ready: bool,
+    /// Every key it holds state for.
+    #[prost(message, repeated, tag = "2")]
+    pub records: Vec<AcceptorRecord>,
 }
 
 #[cfg(test)]

@@ -355,6 +355,8 @@ struct WriterState {
     waiters: VecDeque<Waiter>,
     // A switch to a new segment in progress, if any.
     switch: Option<Switch>,
+    // After a switch failed (metadata unreachable), none is tried again before this.
+    no_switch_before: Option<std::time::Instant>,
     // Payload bytes sent to the current segment.
     segment_bytes: u64,
     fenced: Option<String>,
@@ -458,7 +460,7 @@ impl Core {
                     .candidates()
                     .iter()
                     .any(|c| c.live && !st.segment.ensemble.contains(&c.id));
-                if spare {
+                if spare && switch_allowed(&st) {
                     self.start_ensemble_change(&mut st);
                 }
             }
@@ -467,7 +469,7 @@ impl Core {
 
     /// Start rolling to a new segment: later appends wait, those in flight resolve here.
     fn start_roll(self: &Arc<Self>, st: &mut WriterState) {
-        if st.switch.is_none() {
+        if st.switch.is_none() && switch_allowed(st) {
             st.switch = Some(Switch {
                 parked: VecDeque::new(),
                 draining: true,
@@ -514,11 +516,25 @@ impl Core {
     }
 }
 
+fn switch_allowed(st: &WriterState) -> bool {
+    st.no_switch_before
+        .is_none_or(|t| std::time::Instant::now() >= t)
+}
+
+/// Attempts at a segment switch before the writer gives up on it for a while.
+const SWITCH_ATTEMPTS: usize = 3;
+/// How long the writer keeps to its segment after a failed switch.
+const SWITCH_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Seal the frozen segment at its last resolved entry and continue in a new segment on
-/// healthy nodes (RFC 0001, "Ensemble change"): one CAS conditional on our epoch.
+/// healthy nodes (RFC 0001, "Ensemble change"): one CAS conditional on our epoch. If the
+/// metadata cannot be reached, give up and go on writing to the current segment: the parked
+/// entries go back to it with the same entry ids (nothing was resolved meanwhile), which
+/// storage nodes accept again idempotently.
 async fn change_ensemble(core: Weak<Core>) {
     let mut delay = Duration::from_millis(50);
-    loop {
+    let mut maybe_sealed = false;
+    for attempt in 1.. {
         let Some(core) = core.upgrade() else { return };
         let (old, end, down) = {
             let st = core.lock();
@@ -533,13 +549,33 @@ async fn change_ensemble(core: Weak<Core>) {
         };
         match switch_segment(&core, &old, end, &down).await {
             Ok(()) => return,
-            Err(StorageError::Fenced(reason)) => {
+            Err(SwitchError::Fenced(reason)) => {
                 let mut st = core.lock();
                 core.fence(&mut st, reason);
                 return;
             }
-            Err(e) => {
-                tracing::debug!(log = %core.log, error = %e, "ensemble change failed; retrying");
+            Err(SwitchError::Failed {
+                maybe_sealed: true,
+                error,
+            }) => {
+                maybe_sealed = true;
+                tracing::debug!(log = %core.log, %error, "segment switch unconfirmed; retrying");
+            }
+            Err(SwitchError::Failed { error: e, .. })
+                if attempt >= SWITCH_ATTEMPTS && !maybe_sealed =>
+            {
+                tracing::warn!(log = %core.log, error = %e, "segment switch impossible for now; writing on");
+                let mut st = core.lock();
+                if let Some(sw) = st.switch.take() {
+                    for (payload, waiter) in sw.parked {
+                        core.push(&mut st, payload, waiter);
+                    }
+                }
+                st.no_switch_before = Some(std::time::Instant::now() + SWITCH_BACKOFF);
+                return;
+            }
+            Err(SwitchError::Failed { error, .. }) => {
+                tracing::debug!(log = %core.log, %error, "segment switch failed; retrying");
             }
         }
         drop(core);
@@ -548,12 +584,36 @@ async fn change_ensemble(core: Weak<Core>) {
     }
 }
 
+/// Why a switch did not happen.
+enum SwitchError {
+    /// A newer writer exists.
+    Fenced(String),
+    /// It can be retried; `maybe_sealed` if the old segment may be sealed already, in which
+    /// case going back to it could write past its end, so the switch must be completed.
+    Failed {
+        error: StorageError,
+        maybe_sealed: bool,
+    },
+}
+
+impl From<StorageError> for SwitchError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::Fenced(r) => SwitchError::Fenced(r),
+            error => SwitchError::Failed {
+                error,
+                maybe_sealed: false,
+            },
+        }
+    }
+}
+
 async fn switch_segment(
     core: &Arc<Core>,
     old: &SegmentMeta,
     end: u64,
     down: &[NodeId],
-) -> Result<(), StorageError> {
+) -> Result<(), SwitchError> {
     let client = &core.client;
     let repl = client.config.replication;
     let id = SegmentId(rand::random());
@@ -563,9 +623,9 @@ async fn switch_segment(
         ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, &[]);
     }
     if ensemble.len() < repl.ack_quorum {
-        return Err(StorageError::Unavailable(
-            "too few storage nodes for a new ensemble".into(),
-        ));
+        return Err(
+            StorageError::Unavailable("too few storage nodes for a new ensemble".into()).into(),
+        );
     }
     let segment = SegmentMeta {
         id,
@@ -577,41 +637,67 @@ async fn switch_segment(
     let (log, epoch) = (core.log, core.epoch);
     let written = client
         .registers
-        .update(&meta::log_key(log), |cur| {
-            let mut m = decode_meta(cur)?
-                .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
-            if m.epoch != epoch || m.deleted {
-                return Err(StorageError::Fenced(format!(
-                    "log {log} taken over at {}",
-                    m.epoch
-                )));
-            }
-            match m.segments.last_mut() {
-                Some(last) if last.id == old.id => {
-                    if end == 0 {
-                        m.segments.pop();
-                    } else {
-                        last.end = Some(end);
+        .update_with_attempts(
+            &meta::log_key(log),
+            |cur| {
+                let mut m = decode_meta(cur)?
+                    .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
+                if m.epoch != epoch || m.deleted {
+                    return Err(StorageError::Fenced(format!(
+                        "log {log} taken over at {}",
+                        m.epoch
+                    )));
+                }
+                match m.segments.last_mut() {
+                    Some(last) if last.id == old.id => {
+                        if end == 0 {
+                            m.segments.pop();
+                        } else {
+                            last.end = Some(end);
+                        }
                     }
+                    // An earlier attempt of ours landed after it timed out: its new segment is
+                    // open and unused (its entries were never sent); replace it.
+                    Some(last) if last.epoch == epoch && last.end.is_none() => {
+                        m.segments.pop();
+                    }
+                    _ => {}
                 }
-                // An earlier attempt of ours landed after it timed out: its new segment is
-                // open and unused (its entries were never sent); replace it.
-                Some(last) if last.epoch == epoch && last.end.is_none() => {
-                    m.segments.pop();
+                if m.segments.last().is_some_and(|s| s.end.is_none()) {
+                    return Err(StorageError::Corrupt(format!(
+                        "log {log}: unexpected open segment during ensemble change"
+                    )));
                 }
-                _ => {}
-            }
-            if m.segments.last().is_some_and(|s| s.end.is_none()) {
-                return Err(StorageError::Corrupt(format!(
-                    "log {log}: unexpected open segment during ensemble change"
-                )));
-            }
-            m.segments.push(segment.clone());
-            Ok(Some(meta::encode(&m)))
-        })
-        .await??;
-    let m = decode_meta(written.as_ref())?
-        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
+                m.segments.push(segment.clone());
+                Ok(Some(meta::encode(&m)))
+            },
+            2,
+        )
+        .await;
+    let written = match written {
+        Ok(Ok(w)) => w,
+        Ok(Err(StorageError::Fenced(reason))) => return Err(SwitchError::Fenced(reason)),
+        Ok(Err(error)) => {
+            return Err(SwitchError::Failed {
+                error,
+                maybe_sealed: false,
+            });
+        }
+        Err(f) => {
+            return Err(SwitchError::Failed {
+                error: f.error,
+                maybe_sealed: f.maybe_written,
+            });
+        }
+    };
+    // The seal landed: from here on the switch can only be completed.
+    let m = decode_meta(written.as_ref())
+        .ok()
+        .flatten()
+        .ok_or_else(|| SwitchError::Failed {
+            error: StorageError::Corrupt("log descriptor unreadable after switch".into()),
+            maybe_sealed: true,
+        })?;
     let n = segment.ensemble.len();
     let mut conns = vec![None; n];
     let mut calls = JoinSet::new();
@@ -748,6 +834,7 @@ impl LogWriter {
                 quorum,
                 waiters: VecDeque::new(),
                 switch: None,
+                no_switch_before: None,
                 segment_bytes: 0,
                 fenced: None,
             }),

@@ -81,15 +81,33 @@ impl Registers {
     pub async fn update<E, F>(
         &self,
         key: &str,
-        mut change: F,
+        change: F,
     ) -> Result<Result<Option<Bytes>, E>, StorageError>
     where
         F: FnMut(Option<&Bytes>) -> Result<Option<Bytes>, E> + Send,
         E: Send,
     {
+        self.update_with_attempts(key, change, MAX_ATTEMPTS)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// [`Registers::update`] giving up after `attempts` rounds, for callers that have a
+    /// better fallback than waiting.
+    pub(crate) async fn update_with_attempts<E, F>(
+        &self,
+        key: &str,
+        mut change: F,
+        attempts: usize,
+    ) -> Result<Result<Option<Bytes>, E>, UpdateFailure>
+    where
+        F: FnMut(Option<&Bytes>) -> Result<Option<Bytes>, E> + Send,
+        E: Send,
+    {
         let n = self.inner.acceptors.len();
+        let mut maybe_written = false;
         let mut last_error = String::from("no acceptor answered");
-        for attempt in 0..MAX_ATTEMPTS {
+        for attempt in 0..attempts {
             if attempt > 0 {
                 let cap = 10u64 << attempt.min(6);
                 let ms = rand::rng().random_range(1..=cap);
@@ -147,6 +165,7 @@ impl Registers {
                 Err(e) => return Ok(Err(e)),
             };
 
+            maybe_written = true;
             let mut calls = JoinSet::new();
             for a in &self.inner.acceptors {
                 let a = a.clone();
@@ -185,8 +204,20 @@ impl Registers {
                 Tally::Pending => {}
             }
         }
-        Err(StorageError::Unavailable(format!(
-            "register {key}: no majority after {MAX_ATTEMPTS} attempts ({last_error})"
-        )))
+        Err(UpdateFailure {
+            error: StorageError::Unavailable(format!(
+                "register {key}: no majority after {attempts} attempts ({last_error})"
+            )),
+            maybe_written,
+        })
     }
+}
+
+/// An update that gave up.
+#[derive(Debug)]
+pub(crate) struct UpdateFailure {
+    /// Why.
+    pub error: StorageError,
+    /// Whether an accept was sent, so the new value may still have been chosen.
+    pub maybe_written: bool,
 }

@@ -116,6 +116,15 @@ async fn serve(
 
     let data_task = tokio::spawn(data_server::serve(endpoint.clone(), store.clone(), node_id));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let catch_up_task = tokio::spawn(
+        catch_up(
+            acceptor.clone(),
+            config.seeds.clone(),
+            control_addr,
+            config.tls.clone(),
+        )
+        .in_current_span(),
+    );
     let grpc = tonic::transport::Server::builder()
         .tls_config(crate::rpc::server_tls(&config.tls)?)
         .map_err(|e| StorageError::Invalid(format!("control-plane tls: {e}")))?
@@ -142,6 +151,7 @@ async fn serve(
     shutdown.await;
     tracing::info!("storage node shutting down");
     register_task.abort();
+    catch_up_task.abort();
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = stop_tx.send(());
     data_task.abort();
@@ -201,6 +211,77 @@ async fn register_self(
             Ok(Err(e)) | Err(e) => {
                 tracing::debug!(error = %e, "node registration not possible yet; retrying");
             }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Bring a new acceptor's state up to date before it serves (see
+/// [`registers::AcceptorStore`]): read the state of enough other acceptors to meet every
+/// majority this node could have belonged to, and start from the most advanced state of
+/// each key. Unless every other acceptor is empty too (a new cluster), first wait out the
+/// accepts that proposers may still have in flight from before this node lost its state
+/// (a proposer counts an answer only within [`crate::rpc::RPC_TIMEOUT`]), then read again.
+async fn catch_up(
+    acceptor: Arc<registers::AcceptorStore>,
+    seeds: Vec<SocketAddr>,
+    me: SocketAddr,
+    tls: warren_common::config::TlsPaths,
+) {
+    if acceptor.is_ready() {
+        return;
+    }
+    let others: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != me).collect();
+    let needed = if seeds.contains(&me) {
+        registers::others_needed(seeds.len())
+    } else {
+        0
+    };
+    let clients: Vec<_> = others
+        .iter()
+        .filter_map(|a| crate::rpc::AcceptorClient::new(*a, &tls).ok())
+        .collect();
+    let mut delay = Duration::from_millis(50);
+    let mut waited = false;
+    loop {
+        let mut calls = tokio::task::JoinSet::new();
+        for c in &clients {
+            let c = c.clone();
+            calls.spawn(async move { c.dump().await });
+        }
+        let mut dumps = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            if let Ok(Ok((_, dump))) = r {
+                dumps.push(dump);
+            }
+        }
+        if dumps.len() >= needed {
+            let fresh_cluster = dumps.iter().all(|d| d.is_empty());
+            if fresh_cluster || waited {
+                let merged = registers::merge_dumps(dumps);
+                let a = acceptor.clone();
+                match tokio::task::spawn_blocking(move || a.install(merged)).await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "register acceptor could not catch up")
+                    }
+                    Err(e) => tracing::error!(error = %e, "register acceptor catch-up failed"),
+                }
+            } else {
+                tracing::info!(
+                    "register acceptor state is new: waiting for in-flight accepts before catching up"
+                );
+                tokio::time::sleep(2 * crate::rpc::RPC_TIMEOUT).await;
+                waited = true;
+                continue;
+            }
+        } else {
+            tracing::debug!(
+                answered = dumps.len(),
+                needed,
+                "register acceptor waiting for other acceptors to catch up from"
+            );
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));

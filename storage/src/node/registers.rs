@@ -13,8 +13,14 @@ use crate::StorageError;
 use crate::protocol::caspaxos::{AcceptorState, Ballot};
 
 /// Durable acceptor state for every key this node has seen.
+///
+/// An acceptor whose state is new (an empty data directory: a new cluster, or a lost disk)
+/// is not *ready*: it refuses prepares and accepts until it has caught up from the other
+/// acceptors (see [`merge_dumps`]), because an acceptor that forgot its promises and
+/// acceptances could let two different values be chosen.
 pub struct AcceptorStore {
     inner: Mutex<Inner>,
+    ready: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -170,10 +176,21 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl AcceptorStore {
     /// Load `dir/registers`, rewrite it compacted, and open it for appending.
     pub fn open(dir: &Path) -> Result<AcceptorStore, StorageError> {
+        let existed = dir.join("registers").exists();
         let keys = load(&dir.join("registers"))?;
-        let (file, size) = rewrite(dir, &keys).map_err(|(e, _)| StorageError::Io(e))?;
-        tracing::info!(keys = keys.len(), "register acceptor state loaded");
+        let (file, size) = if existed {
+            rewrite(dir, &keys).map_err(|(e, _)| StorageError::Io(e))?
+        } else {
+            // No file until the state is caught up: a crash before then starts over.
+            (File::open(dir)?, 0)
+        };
+        tracing::info!(
+            keys = keys.len(),
+            ready = existed,
+            "register acceptor state loaded"
+        );
         Ok(AcceptorStore {
+            ready: std::sync::atomic::AtomicBool::new(existed),
             inner: Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 file,
@@ -190,6 +207,11 @@ impl AcceptorStore {
         key: &str,
         f: impl FnOnce(&mut AcceptorState) -> Result<T, Ballot>,
     ) -> Result<Result<T, Ballot>, StorageError> {
+        if !self.is_ready() {
+            return Err(StorageError::Unavailable(
+                "register acceptor is catching up".into(),
+            ));
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.poisoned {
             return Err(StorageError::Unavailable(
@@ -235,6 +257,42 @@ impl AcceptorStore {
         Ok(Ok(out))
     }
 
+    /// Whether this acceptor answers prepares and accepts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Every key's state.
+    pub fn dump(&self) -> Vec<(String, AcceptorState)> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .keys
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Take `caught_up` as this acceptor's state, make it durable, and start serving
+    /// (blocking: call from a blocking context).
+    pub fn install(&self, caught_up: HashMap<String, AcceptorState>) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, theirs) in caught_up {
+            let mine = inner.keys.entry(k).or_default();
+            *mine = merge_states([mine.clone(), theirs]);
+        }
+        let (file, size) =
+            rewrite(&inner.dir, &inner.keys).map_err(|(e, _)| StorageError::Io(e))?;
+        inner.file = file;
+        inner.file_bytes = size;
+        inner.live_bytes = size;
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            keys = inner.keys.len(),
+            "register acceptor caught up and serving"
+        );
+        Ok(())
+    }
+
     /// Phase 1, durable before it returns (blocking: call from a blocking context).
     pub fn prepare(&self, key: &str, ballot: Ballot) -> Result<PrepareResult, StorageError> {
         self.change(key, |s| s.prepare(ballot))
@@ -251,6 +309,42 @@ impl AcceptorStore {
     }
 }
 
+/// The most advanced of several states of one key: the highest promise seen anywhere, and
+/// the acceptance with the highest ballot. Such a state is one a real acceptor could reach
+/// (accept that proposal, then promise the higher ballot).
+pub fn merge_states(states: impl IntoIterator<Item = AcceptorState>) -> AcceptorState {
+    let mut out = AcceptorState::default();
+    for s in states {
+        out.promised = out.promised.max(s.promised).max(s.accepted);
+        if s.accepted > out.accepted {
+            out.accepted = s.accepted;
+            out.value = s.value;
+        }
+    }
+    out
+}
+
+/// How many *other* acceptors a catching-up acceptor must hear from among `seeds` in all:
+/// enough to meet every majority it could have been part of in at least one other member,
+/// so every promise and every chosen value it might have given is learnt.
+pub fn others_needed(seeds: usize) -> usize {
+    if seeds <= 1 { 0 } else { seeds - seeds / 2 }
+}
+
+/// Merge the dumps of other acceptors into the state a catching-up acceptor starts from.
+pub fn merge_dumps(
+    dumps: impl IntoIterator<Item = Vec<(String, AcceptorState)>>,
+) -> HashMap<String, AcceptorState> {
+    let mut out: HashMap<String, AcceptorState> = HashMap::new();
+    for dump in dumps {
+        for (k, s) in dump {
+            let cur = out.remove(&k).unwrap_or_default();
+            out.insert(k, merge_states([cur, s]));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -265,6 +359,11 @@ mod tests {
         };
         {
             let s = AcceptorStore::open(dir.path()).unwrap();
+            assert!(
+                s.prepare("k", b(1)).is_err(),
+                "a new acceptor serves before catching up"
+            );
+            s.install(HashMap::new()).unwrap();
             s.prepare("k", b(1)).unwrap().unwrap();
             s.accept("k", b(1), Some(bytes::Bytes::from_static(b"v")))
                 .unwrap()
@@ -289,6 +388,7 @@ mod tests {
         let value = bytes::Bytes::from(vec![1u8; 25_000]);
         {
             let s = AcceptorStore::open(dir.path()).unwrap();
+            s.install(HashMap::new()).unwrap();
             for c in 1..=400 {
                 s.accept("k", b(c), Some(value.clone())).unwrap().unwrap();
             }
@@ -308,5 +408,45 @@ mod tests {
             s.prepare("k", b(2000)).unwrap(),
             Ok((Some(b(1001)), Some(bytes::Bytes::from_static(b"last"))))
         );
+    }
+
+    #[test]
+    fn catching_up_takes_the_highest_promise_and_acceptance() {
+        let b = |c, p| Ballot {
+            counter: c,
+            proposer: [p; 16],
+        };
+        let v = |x: &'static str| Some(bytes::Bytes::from_static(x.as_bytes()));
+        let dumps = vec![
+            vec![(
+                "k".to_string(),
+                AcceptorState {
+                    promised: Some(b(9, 1)),
+                    accepted: Some(b(3, 1)),
+                    value: v("old"),
+                },
+            )],
+            vec![(
+                "k".to_string(),
+                AcceptorState {
+                    promised: Some(b(5, 2)),
+                    accepted: Some(b(5, 2)),
+                    value: v("new"),
+                },
+            )],
+        ];
+        let merged = merge_dumps(dumps);
+        assert_eq!(
+            merged["k"],
+            AcceptorState {
+                promised: Some(b(9, 1)),
+                accepted: Some(b(5, 2)),
+                value: v("new"),
+            }
+        );
+        assert_eq!(others_needed(1), 0);
+        assert_eq!(others_needed(3), 2);
+        assert_eq!(others_needed(4), 2);
+        assert_eq!(others_needed(5), 3);
     }
 }

@@ -680,12 +680,13 @@ fn writer_loop(
                 stats
                     .bytes
                     .fetch_add(batch.buf.len() as u64, Ordering::Relaxed);
-                for (_, answer, reply) in staged {
-                    reply(answer);
-                }
-                // Deletes are durable now: files they emptied can go.
+                // Deletes are durable now: files they emptied can go (before the answers,
+                // so a caller that saw its delete done sees the space freed).
                 if !freed.is_empty() {
                     remove_files(&w.dir, &state, &freed);
+                }
+                for (_, answer, reply) in staged {
+                    reply(answer);
                 }
                 if w.pos >= w.file_bytes
                     && let Err(e) = w.rotate(&state)
