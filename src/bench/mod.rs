@@ -101,8 +101,8 @@ pub struct BenchArgs {
     /// for consumers to receive everything that was published.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
-    /// List each confirm slower than this many milliseconds in the JSON report (the first 50
-    /// of each producer), with its publish time, to line up with broker logs.
+    /// List confirm stalls (runs of confirms slower than this many milliseconds) in the JSON
+    /// report with their wall-clock times, to line up with broker logs.
     #[arg(long, default_value_t = 100)]
     pub slow_confirm_ms: u64,
     /// Also write the report as JSON to this file.

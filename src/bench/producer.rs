@@ -41,15 +41,15 @@ pub struct ProducerPlan {
     pub slow_confirm: Duration,
 }
 
-/// Slow confirms a producer keeps for the report, at most.
-const MAX_SLOW_CONFIRMS: usize = 50;
+/// Confirm stalls a producer keeps for the report, at most.
+const MAX_STALLS: usize = 50;
 
 /// What a producer measured.
 #[derive(Debug)]
 pub struct ProducerOutcome {
     /// Publish-to-confirm latencies.
     pub confirm_latency: Histogram<u64>,
-    /// The first confirms slower than the plan's threshold, to correlate with broker logs.
+    /// Runs of confirms slower than the plan's threshold, to line up with broker logs.
     pub slow_confirms: Vec<SlowConfirm>,
     /// Confirms still outstanding when the producer gave up waiting.
     pub unconfirmed: usize,
@@ -109,8 +109,8 @@ pub async fn run(
                 if confirmation.is_ack() {
                     let latency = sent_at.elapsed();
                     record(&mut confirm_latency, latency);
-                    if latency >= plan.slow_confirm && slow_confirms.len() < MAX_SLOW_CONFIRMS {
-                        slow_confirms.push(SlowConfirm::new(&clock, plan.index, latency));
+                    if latency >= plan.slow_confirm {
+                        SlowConfirm::record(&mut slow_confirms, MAX_STALLS, &clock, plan.index, latency);
                     }
                     counters.confirmed.fetch_add(1, Ordering::Relaxed);
                 } else {

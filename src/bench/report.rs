@@ -105,26 +105,52 @@ pub struct Sample {
     pub rates: Rates,
 }
 
-/// One confirm slower than the run's threshold.
+/// A stall: confirms slower than the run's threshold, published while the previous one of the
+/// same producer was still waiting (so one broker hiccup is one entry, not a hundred).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct SlowConfirm {
-    /// When the message was published, in milliseconds since the Unix epoch (to line up with
-    /// broker logs).
+    /// When the first slow message was published, in milliseconds since the Unix epoch (to
+    /// line up with broker logs).
     pub sent_unix_ms: u64,
-    /// Publish-to-confirm latency in milliseconds.
-    pub latency_ms: f64,
-    /// Which producer published it.
+    /// When the last slow confirm of the stall arrived, same clock.
+    pub until_unix_ms: u64,
+    /// The slowest publish-to-confirm latency in the stall, in milliseconds.
+    pub worst_ms: f64,
+    /// How many slow confirms the stall held.
+    pub confirms: u64,
+    /// Which producer saw it.
     pub producer: u32,
 }
 
 impl SlowConfirm {
-    /// A confirm that just arrived `latency` after its publish.
-    pub fn new(clock: &RunClock, producer: u32, latency: Duration) -> Self {
-        let sent = clock.now_nanos().saturating_sub(latency.as_nanos() as u64);
-        SlowConfirm {
-            sent_unix_ms: sent / 1_000_000,
-            latency_ms: latency.as_secs_f64() * 1e3,
-            producer,
+    /// Fold a confirm that just arrived `latency` after its publish into `stalls`: it extends
+    /// the last stall if it was published before that stall's last confirm arrived.
+    pub fn record(
+        stalls: &mut Vec<SlowConfirm>,
+        max: usize,
+        clock: &RunClock,
+        producer: u32,
+        latency: Duration,
+    ) {
+        let now_ms = clock.now_nanos() / 1_000_000;
+        let sent_ms = now_ms.saturating_sub(latency.as_millis() as u64);
+        let latency_ms = latency.as_secs_f64() * 1e3;
+        if let Some(last) = stalls.last_mut()
+            && sent_ms <= last.until_unix_ms
+        {
+            last.until_unix_ms = now_ms;
+            last.worst_ms = last.worst_ms.max(latency_ms);
+            last.confirms += 1;
+            return;
+        }
+        if stalls.len() < max {
+            stalls.push(SlowConfirm {
+                sent_unix_ms: sent_ms,
+                until_unix_ms: now_ms,
+                worst_ms: latency_ms,
+                confirms: 1,
+                producer,
+            });
         }
     }
 }
@@ -217,7 +243,7 @@ pub struct Report {
     pub confirm_latency_us: Latency,
     /// Publish-to-delivery latency in microseconds.
     pub e2e_latency_us: Latency,
-    /// Confirms slower than --slow-confirm-ms (the first few of each producer), in time order.
+    /// Stalls: runs of confirms slower than --slow-confirm-ms, in time order.
     pub slow_confirms: Vec<SlowConfirm>,
     /// Per-second progress.
     pub samples: Vec<Sample>,
@@ -284,10 +310,10 @@ impl Report {
             let worst = self
                 .slow_confirms
                 .iter()
-                .map(|c| c.latency_ms)
+                .map(|c| c.worst_ms)
                 .fold(0.0, f64::max);
             out.push_str(&format!(
-                "slow confirms listed in the JSON report: {} (worst {worst:.0} ms)\n",
+                "confirm stalls (listed in the JSON report): {}, worst {worst:.0} ms\n",
                 self.slow_confirms.len()
             ));
         }
