@@ -55,6 +55,10 @@ pub struct SegmentMeta {
     /// `None` while open; `Some(n)` once sealed with entries `0..n`.
     #[serde(default)]
     pub end: Option<u64>,
+    /// Some members may lack entries below `end` (one was down while it was written): the
+    /// log's owner copies them over in the background, then clears this by a CAS.
+    #[serde(default)]
+    pub under_replicated: bool,
 }
 
 /// A queue log's descriptor.

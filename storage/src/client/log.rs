@@ -76,9 +76,9 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
     if let Some(last) = m.segments.last()
         && last.end.is_none()
     {
-        let end = recover(client, last, epoch).await?;
-        tracing::info!(%log, %epoch, segment = %last.id, end, "recovered open segment");
-        sealed = Some((last.clone(), end));
+        let (end, degraded) = recover(client, last, epoch).await?;
+        tracing::info!(%log, %epoch, segment = %last.id, end, degraded, "recovered open segment");
+        sealed = Some((last.clone(), end, degraded));
     }
 
     // Step 5: seal it and open ours, in one CAS conditional on our epoch.
@@ -104,6 +104,7 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
         ensemble,
         ack_quorum: repl.ack_quorum,
         end: None,
+        under_replicated: false,
     };
     let written = client
         .registers
@@ -116,7 +117,7 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
                     m.epoch
                 )));
             }
-            if let Some((s, end)) = &sealed
+            if let Some((s, end, degraded)) = &sealed
                 && let Some(last) = m.segments.last_mut()
                 && last.id == s.id
             {
@@ -126,6 +127,7 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
                     m.segments.pop();
                 } else {
                     last.end.get_or_insert(*end);
+                    last.under_replicated |= *degraded;
                 }
             }
             m.segments.push(segment.clone());
@@ -134,7 +136,7 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
         .await??;
     let m = decode_meta(written.as_ref())?
         .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
-    if let Some((s, end)) = sealed {
+    if let Some((s, end, _)) = sealed {
         // Metadata is the truth; telling the nodes only lets them refuse stragglers early.
         let client = client.clone();
         tokio::spawn(async move {
@@ -154,12 +156,13 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
     LogWriter::open(client.clone(), log, m).await
 }
 
-/// Drive [`Recovery`] for `segment` at `epoch`; returns the end to seal it at.
+/// Drive [`Recovery`] for `segment` at `epoch`; returns the end to seal it at, and whether
+/// some member may lack entries below it.
 async fn recover(
     client: &Arc<ClientInner>,
     segment: &SegmentMeta,
     epoch: Epoch,
-) -> Result<u64, StorageError> {
+) -> Result<(u64, bool), StorageError> {
     let members = segment.ensemble.clone();
     let (mut rec, actions) =
         Recovery::start(members.len(), segment.ack_quorum.min(members.len()).max(1));
@@ -210,7 +213,7 @@ async fn recover(
     issue(actions);
     loop {
         match rec.outcome() {
-            Some(Ok(end)) => return Ok(end),
+            Some(Ok(end)) => return Ok((end, !rec.all_members_reached(end))),
             Some(Err(RecoveryFailure::Superseded(e))) => {
                 return Err(StorageError::Fenced(format!(
                     "segment {} fenced at epoch {e} by a newer writer",
@@ -359,6 +362,9 @@ struct WriterState {
     no_switch_before: Option<std::time::Instant>,
     // Payload bytes sent to the current segment.
     segment_bytes: u64,
+    // A member of the current segment was down at some point: some entries may be on
+    // fewer than all members.
+    degraded: bool,
     fenced: Option<String>,
 }
 
@@ -444,6 +450,7 @@ impl Core {
             }
             other => {
                 st.quorum.on_member_down(member);
+                st.degraded = true;
                 st.conns[member] = None;
                 if st.reconnecting[member] {
                     return;
@@ -536,7 +543,7 @@ async fn change_ensemble(core: Weak<Core>) {
     let mut maybe_sealed = false;
     for attempt in 1.. {
         let Some(core) = core.upgrade() else { return };
-        let (old, end, down) = {
+        let (old, end, down, degraded) = {
             let st = core.lock();
             if st.fenced.is_some() {
                 return;
@@ -545,9 +552,10 @@ async fn change_ensemble(core: Weak<Core>) {
                 .filter(|m| st.quorum.is_down(*m))
                 .map(|m| st.segment.ensemble[m])
                 .collect();
-            (st.segment.clone(), st.quorum.resolved(), down)
+            let degraded = st.degraded || !down.is_empty() || !st.quorum.members_complete();
+            (st.segment.clone(), st.quorum.resolved(), down, degraded)
         };
-        match switch_segment(&core, &old, end, &down).await {
+        match switch_segment(&core, &old, end, &down, degraded).await {
             Ok(()) => return,
             Err(SwitchError::Fenced(reason)) => {
                 let mut st = core.lock();
@@ -613,14 +621,20 @@ async fn switch_segment(
     old: &SegmentMeta,
     end: u64,
     down: &[NodeId],
+    degraded: bool,
 ) -> Result<(), SwitchError> {
     let client = &core.client;
     let repl = client.config.replication;
     let id = SegmentId(rand::random());
     let candidates = client.candidates();
     let mut ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, down);
-    if ensemble.len() < repl.ack_quorum {
-        ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, &[]);
+    if ensemble.len() < repl.write_quorum {
+        // Too few healthy nodes: keep the full write quorum with the down ones included,
+        // so that they get their copies by repair once they are back.
+        let all = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, &[]);
+        if all.len() > ensemble.len() {
+            ensemble = all;
+        }
     }
     if ensemble.len() < repl.ack_quorum {
         return Err(
@@ -633,6 +647,7 @@ async fn switch_segment(
         ensemble,
         ack_quorum: repl.ack_quorum,
         end: None,
+        under_replicated: false,
     };
     let (log, epoch) = (core.log, core.epoch);
     let written = client
@@ -654,6 +669,7 @@ async fn switch_segment(
                             m.segments.pop();
                         } else {
                             last.end = Some(end);
+                            last.under_replicated |= degraded;
                         }
                     }
                     // An earlier attempt of ours landed after it timed out: its new segment is
@@ -721,6 +737,7 @@ async fn switch_segment(
         st.reconnecting = vec![false; n];
         st.quorum = AppendQuorum::new(n, st.segment.ack_quorum.min(n), 0);
         st.segment_bytes = 0;
+        st.degraded = false;
         let roll_at = client.segment_roll_bytes.load(Ordering::Relaxed);
         let mut parked = st.switch.take().map(|s| s.parked).unwrap_or_default();
         while st.segment_bytes < roll_at
@@ -739,6 +756,7 @@ async fn switch_segment(
         for m in 0..n {
             if st.conns[m].is_none() {
                 st.quorum.on_member_down(m);
+                st.degraded = true;
                 st.reconnecting[m] = true;
                 tokio::spawn(reconnect(Arc::downgrade(core), st.generation, m));
             }
@@ -759,6 +777,166 @@ async fn switch_segment(
         }
     }
     Ok(())
+}
+
+/// How often the owner of a log looks for under-replicated sealed segments.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Bring the log's under-replicated sealed segments back to a full copy on every member,
+/// for as long as this writer holds the log. Only the owner repairs, and clearing the mark
+/// is a CAS conditional on its epoch, so no coordinator is needed.
+async fn repair_loop(core: Weak<Core>) {
+    loop {
+        tokio::time::sleep(REPAIR_INTERVAL).await;
+        let Some(core) = core.upgrade() else { return };
+        let targets: Vec<SegmentMeta> = {
+            let st = core.lock();
+            if st.fenced.is_some() {
+                return;
+            }
+            st.meta
+                .segments
+                .iter()
+                .filter(|s| s.under_replicated && s.end.is_some())
+                .cloned()
+                .collect()
+        };
+        for seg in targets {
+            match repair_segment(&core, &seg).await {
+                Ok(copied) => {
+                    let (log, epoch) = (core.log, core.epoch);
+                    let cleared = core
+                        .client
+                        .registers
+                        .update(&meta::log_key(log), |cur| {
+                            let mut m = decode_meta(cur)?.ok_or_else(|| {
+                                StorageError::Fenced(format!("log {log} was deleted"))
+                            })?;
+                            if m.epoch != epoch || m.deleted {
+                                return Err(StorageError::Fenced(format!(
+                                    "log {log} taken over at {}",
+                                    m.epoch
+                                )));
+                            }
+                            if let Some(s) = m.segments.iter_mut().find(|s| s.id == seg.id) {
+                                s.under_replicated = false;
+                            }
+                            Ok(Some(meta::encode(&m)))
+                        })
+                        .await;
+                    match cleared {
+                        Ok(Ok(written)) => {
+                            if let Ok(Some(m)) = decode_meta(written.as_ref()) {
+                                let mut st = core.lock();
+                                for s in &mut st.meta.segments {
+                                    if let Some(n) = m.segments.iter().find(|n| n.id == s.id) {
+                                        s.under_replicated = n.under_replicated;
+                                    }
+                                }
+                            }
+                            tracing::info!(log = %log, segment = %seg.id, copied, "segment repaired");
+                        }
+                        Ok(Err(StorageError::Fenced(_))) => return,
+                        _ => {}
+                    }
+                }
+                Err(StorageError::Fenced(_)) => return,
+                Err(e) => {
+                    tracing::debug!(log = %core.log, segment = %seg.id, error = %e, "segment repair postponed");
+                }
+            }
+        }
+    }
+}
+
+/// Copy every entry below the seal that some member lacks from a member that has it.
+/// Returns how many copies were made.
+async fn repair_segment(core: &Arc<Core>, seg: &SegmentMeta) -> Result<usize, StorageError> {
+    let end = seg.end.unwrap_or(0);
+    let client = &core.client;
+    // Which entries each member has.
+    let mut present: Vec<std::collections::HashSet<u64>> = Vec::new();
+    for node in &seg.ensemble {
+        let mut have = std::collections::HashSet::new();
+        let mut from = 0;
+        while from < end {
+            let req = Request::Read {
+                segment: seg.id.0,
+                from,
+                max_entries: 4096,
+                max_bytes: READ_MAX_BYTES,
+            };
+            match client.node_request(*node, req).await? {
+                Response::Entries { entries, .. } => {
+                    let Some(last) = entries.last().map(|e| e.entry) else {
+                        break;
+                    };
+                    have.extend(entries.iter().map(|e| e.entry).filter(|e| *e < end));
+                    from = last + 1;
+                }
+                other => {
+                    return Err(StorageError::Unavailable(format!(
+                        "repair read from {node}: {other:?}"
+                    )));
+                }
+            }
+        }
+        present.push(have);
+    }
+    let mut copied = 0;
+    for (m, node) in seg.ensemble.iter().enumerate() {
+        for entry in (0..end).filter(|e| !present[m].contains(e)) {
+            let Some(source) = (0..seg.ensemble.len()).find(|s| present[*s].contains(&entry))
+            else {
+                return Err(StorageError::Corrupt(format!(
+                    "segment {} entry {entry} is on no member",
+                    seg.id
+                )));
+            };
+            let req = Request::Read {
+                segment: seg.id.0,
+                from: entry,
+                max_entries: 1,
+                max_bytes: READ_MAX_BYTES,
+            };
+            let payload = match client.node_request(seg.ensemble[source], req).await? {
+                Response::Entries { entries, .. } => entries
+                    .into_iter()
+                    .find(|e| e.entry == entry)
+                    .map(|e| e.payload)
+                    .ok_or_else(|| {
+                        StorageError::Unavailable("repair source lost an entry".into())
+                    })?,
+                other => {
+                    return Err(StorageError::Unavailable(format!("repair read: {other:?}")));
+                }
+            };
+            // Our epoch is the newest, so the segment's fence lets it through; entries below
+            // the seal are accepted on a sealed segment.
+            let req = Request::Append {
+                segment: seg.id.0,
+                epoch: core.epoch.0,
+                entry,
+                lac: None,
+                payload,
+            };
+            match client.node_request(*node, req).await? {
+                Response::Ok => copied += 1,
+                Response::Fenced { epoch } => {
+                    return Err(StorageError::Fenced(format!(
+                        "segment {} fenced at {epoch} during repair",
+                        seg.id
+                    )));
+                }
+                other => {
+                    return Err(StorageError::Unavailable(format!(
+                        "repair write: {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(copied)
 }
 
 /// Bring a failed ensemble member back: reconnect (re-reading the registry, since a
@@ -836,6 +1014,7 @@ impl LogWriter {
                 switch: None,
                 no_switch_before: None,
                 segment_bytes: 0,
+                degraded: false,
                 fenced: None,
             }),
         });
@@ -844,11 +1023,13 @@ impl LogWriter {
             for m in 0..n {
                 if st.conns[m].is_none() {
                     st.quorum.on_member_down(m);
+                    st.degraded = true;
                     st.reconnecting[m] = true;
                     tokio::spawn(reconnect(Arc::downgrade(&core), 0, m));
                 }
             }
         }
+        tokio::spawn(repair_loop(Arc::downgrade(&core)));
         let weak = Arc::downgrade(&core);
         tokio::spawn(async move {
             while let Some((tag, result)) = rx.recv().await {

@@ -199,14 +199,27 @@ impl ClientInner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL);
+        let cached = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if fresh {
-            return Ok(self
-                .registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone());
+            return Ok(cached);
         }
-        self.refresh_registry().await
+        // Only a hint for finding a moved node: do not wait long for a metadata majority,
+        // and do not ask again at once if there is none.
+        *self.refreshed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let reg: NodeRegistry = match self.registers.get_with_attempts(NODES_KEY, 2).await {
+            Ok(Some(b)) => meta::decode(&b)?,
+            Ok(None) => NodeRegistry::default(),
+            Err(e) => {
+                tracing::debug!(error = %e, "node registry unreachable; using the cached copy");
+                return Ok(cached);
+            }
+        };
+        *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = reg.clone();
+        Ok(reg)
     }
 
     fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {

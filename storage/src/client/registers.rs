@@ -74,6 +74,26 @@ impl Registers {
         }
     }
 
+    /// [`Registers::get`] giving up after `attempts` rounds.
+    pub(crate) async fn get_with_attempts(
+        &self,
+        key: &str,
+        attempts: usize,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let r = self
+            .update_with_attempts(
+                key,
+                |cur| Ok::<_, std::convert::Infallible>(cur.cloned()),
+                attempts,
+            )
+            .await
+            .map_err(|f| f.error)?;
+        match r {
+            Ok(v) => Ok(v),
+            Err(never) => match never {},
+        }
+    }
+
     /// Atomically replace a register's value with `change(current)`. `change` may run more
     /// than once (on contention) and must be a pure function of its input. It returns the
     /// new value (`None` deletes), or `Err` to abort without writing; the abort comes back as

@@ -220,9 +220,10 @@ async fn register_self(
 /// Bring a new acceptor's state up to date before it serves (see
 /// [`registers::AcceptorStore`]): read the state of enough other acceptors to meet every
 /// majority this node could have belonged to, and start from the most advanced state of
-/// each key. Unless every other acceptor is empty too (a new cluster), first wait out the
-/// accepts that proposers may still have in flight from before this node lost its state
-/// (a proposer counts an answer only within [`crate::rpc::RPC_TIMEOUT`]), then read again.
+/// each key. If a node registered with this control address before (the acceptor lost its
+/// state, as opposed to joining a new cluster), first wait out the accepts that proposers
+/// may still have in flight from before the loss (a proposer counts an answer only within
+/// [`crate::rpc::RPC_TIMEOUT`]), then read again.
 async fn catch_up(
     acceptor: Arc<registers::AcceptorStore>,
     seeds: Vec<SocketAddr>,
@@ -257,9 +258,16 @@ async fn catch_up(
             }
         }
         if dumps.len() >= needed {
-            let fresh_cluster = dumps.iter().all(|d| d.is_empty());
-            if fresh_cluster || waited {
-                let merged = registers::merge_dumps(dumps);
+            let merged = registers::merge_dumps(dumps);
+            // Proposers address acceptors by their seed address. If no node ever registered
+            // with ours, no acceptor here ever answered for it (registering is a node's
+            // first write): nothing can be in flight.
+            let used_before = merged
+                .get(NODES_KEY)
+                .and_then(|s| s.value.as_ref())
+                .and_then(|v| meta::decode::<NodeRegistry>(v).ok())
+                .is_some_and(|r| r.nodes.values().any(|n| n.control_addr == me));
+            if !used_before || waited {
                 let a = acceptor.clone();
                 match tokio::task::spawn_blocking(move || a.install(merged)).await {
                     Ok(Ok(())) => return,

@@ -33,6 +33,9 @@ pub struct AppendQuorum {
     /// Entries below this id are resolved; `pending[0]` has this id.
     resolved: u64,
     pending: VecDeque<Pending>,
+    first: u64,
+    // Acknowledgements received from each member, late ones included.
+    acks: Vec<u64>,
 }
 
 impl AppendQuorum {
@@ -45,6 +48,8 @@ impl AppendQuorum {
             down: vec![false; members],
             resolved: first,
             pending: VecDeque::new(),
+            first,
+            acks: vec![0; members],
         }
     }
 
@@ -99,12 +104,20 @@ impl AppendQuorum {
     /// resolved (possibly empty). Duplicate and stale acks are ignored.
     pub fn on_ack(&mut self, member: usize, entry: u64) -> std::ops::Range<u64> {
         let before = self.resolved;
-        if member >= self.members || entry < self.resolved {
+        if member >= self.members || entry < self.first {
+            return before..before;
+        }
+        if entry < self.resolved {
+            // A late acknowledgement: the entry resolved without it, but the member has it.
+            self.acks[member] += 1;
             return before..before;
         }
         let Some(p) = self.pending.get_mut((entry - self.resolved) as usize) else {
             return before..before;
         };
+        if p.acks & (1 << member) == 0 {
+            self.acks[member] += 1;
+        }
         p.acks |= 1 << member;
         while let Some(front) = self.pending.front() {
             if (front.acks.count_ones() as usize) < self.ack_quorum {
@@ -114,6 +127,13 @@ impl AppendQuorum {
             self.resolved += 1;
         }
         before..self.resolved
+    }
+
+    /// Whether every member acknowledged every resolved entry (as far as acknowledgements
+    /// have arrived): if not, a segment sealed now may need repair.
+    pub fn members_complete(&self) -> bool {
+        let resolved = self.resolved - self.first;
+        self.acks.iter().all(|a| *a >= resolved)
     }
 
     /// Mark a member down (unreachable); its later acks still count if they come.
@@ -166,7 +186,14 @@ mod tests {
         assert_eq!(q.on_ack(0, 0), 0..0, "duplicate acks do not count twice");
         assert_eq!(q.on_ack(2, 0), 0..2);
         assert_eq!(q.lac(), Some(1));
-        assert_eq!(q.on_ack(2, 1), 2..2, "late acks are ignored");
+        assert!(!q.members_complete());
+        assert_eq!(q.on_ack(2, 1), 2..2, "late acks resolve nothing");
+        assert!(!q.members_complete(), "member 1 still lacks entry 0");
+        assert_eq!(q.on_ack(1, 0), 2..2);
+        assert!(
+            q.members_complete(),
+            "but they show the member has the entry"
+        );
     }
 
     #[test]

@@ -130,6 +130,18 @@ impl Recovery {
         }
     }
 
+    /// Whether every member answered the fence and holds entries up to `end` (else the
+    /// sealed segment should be repaired). Gaps below a member's last entry are not seen
+    /// here; a writer that had a member down marks its segment itself.
+    pub fn all_members_reached(&self, end: u64) -> bool {
+        self.failed.iter().all(|f| !f)
+            && self.fenced.iter().all(|t| {
+                t.is_some_and(|(last, _, sealed)| {
+                    sealed.is_some() || end == 0 || last.is_some_and(|l| l + 1 >= end)
+                })
+            })
+    }
+
     // Members fenced at our epoch needed to rule out any old-epoch acknowledgement.
     fn fence_quorum(&self) -> usize {
         self.members - self.ack_quorum + 1
