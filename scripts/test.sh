@@ -140,7 +140,7 @@ record python "${passed:-0}" "${failed:-0}" "$status"
 
 # ---- Node ----------------------------------------------------------------------------------
 section "node"
-timeout 10m node --test tests/node 2>&1 | tee "$logs/node.log"
+timeout 10m node --test --test-timeout=180000 tests/node 2>&1 | tee "$logs/node.log"
 status=${PIPESTATUS[0]}
 passed=$(grep -E '^# pass [0-9]+' "$logs/node.log" | tail -n 1 | grep -oE '[0-9]+' || echo 0)
 failed=$(grep -E '^# (fail|cancelled) [0-9]+' "$logs/node.log" | grep -oE '[0-9]+' | awk '{s += $1} END {print s + 0}')

@@ -218,7 +218,11 @@ impl RawConn {
     /// Read until the server closes the socket, returning every frame it sent on the way.
     pub fn read_until_eof(&mut self) -> anyhow::Result<Vec<Frame>> {
         let mut frames = Vec::new();
+        let deadline = Instant::now() + READ_TIMEOUT;
         loop {
+            if Instant::now() > deadline {
+                bail!("the broker kept the connection open, sending {frames:?}");
+            }
             match self.read_frame() {
                 Ok(Some(f)) => frames.push(f),
                 Ok(None) => return Ok(frames),
