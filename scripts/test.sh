@@ -116,7 +116,8 @@ else
     rust_filter=(--workspace)
 fi
 if cargo nextest --version >/dev/null 2>&1; then
-    timeout 30m cargo nextest run "${rust_filter[@]}" --no-fail-fast 2>&1 | tee "$logs/rust.log"
+    timeout 30m cargo nextest run "${rust_filter[@]}" --no-fail-fast \
+        --tool-config-file "warren-tests:$root/tests/nextest.toml" 2>&1 | tee "$logs/rust.log"
     status=${PIPESTATUS[0]}
     line=$(grep -E '^\s*Summary \[' "$logs/rust.log" | tail -n 1)
     passed=$(echo "$line" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || echo 0)
