@@ -312,6 +312,9 @@ struct PendingAppend {
     first_seq: Option<Seq>,
 }
 
+/// How long an append may stay unacknowledged before the owner gives its log up.
+const APPEND_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Settlements between two attempts to trim the log.
 const TRIM_EVERY: usize = 8192;
 
@@ -407,7 +410,15 @@ async fn confirmer(
         let ok = if failed {
             false
         } else {
-            match p.fut.await {
+            let result = match tokio::time::timeout(APPEND_STALL, p.fut).await {
+                Ok(r) => r,
+                // A writer whose appends stop resolving is as good as failed: the next owner
+                // takes the log over (fencing this writer) and recovers what reached a quorum.
+                Err(_) => Err(StorageError::Unavailable(format!(
+                    "append not acknowledged within {APPEND_STALL:?}"
+                ))),
+            };
+            match result {
                 Ok(pos) => {
                     if let (Some(seq), Some(pos)) = (p.first_seq, pos) {
                         let _ = positions.send((seq, pos));
