@@ -184,6 +184,10 @@ impl Registers {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
+            if new == current && tally.unanimous() {
+                // A read (or a no-op change) of a value a majority already accepted.
+                return Ok(Ok(new));
+            }
 
             maybe_written = true;
             let mut calls = JoinSet::new();

@@ -79,6 +79,9 @@ pub struct PhaseTally {
     outbid: Option<Ballot>,
     best: Option<(Ballot, Option<Bytes>)>,
     decided: bool,
+    // The accepted ballot of the first promise, and whether every promise agreed with it.
+    first_accepted: Option<Option<Ballot>>,
+    unanimous: bool,
 }
 
 impl PhaseTally {
@@ -91,6 +94,8 @@ impl PhaseTally {
             outbid: None,
             best: None,
             decided: false,
+            first_accepted: None,
+            unanimous: true,
         }
     }
 
@@ -118,6 +123,11 @@ impl PhaseTally {
     /// A phase-1 promise carrying the acceptor's accepted ballot and value.
     pub fn promise(&mut self, accepted: Option<Ballot>, value: Option<Bytes>) -> Tally {
         self.yes += 1;
+        match self.first_accepted {
+            None => self.first_accepted = Some(accepted),
+            Some(first) if first != accepted => self.unanimous = false,
+            Some(_) => {}
+        }
         if let Some(b) = accepted
             && self.best.as_ref().is_none_or(|(best, _)| b > *best)
         {
@@ -143,6 +153,14 @@ impl PhaseTally {
     pub fn failed(&mut self) -> Tally {
         self.no += 1;
         self.status()
+    }
+
+    /// Whether every promise counted reported the same accepted ballot. Then, once a
+    /// majority promised, that value is chosen (a majority accepted it) and nothing newer
+    /// can have been chosen before this round's promises, so a round that leaves the value
+    /// unchanged may skip phase 2 and still be linearizable.
+    pub fn unanimous(&self) -> bool {
+        self.unanimous
     }
 
     /// The current register value according to the promises counted.
@@ -173,6 +191,16 @@ mod tests {
             a.prepare(b(3, 0)),
             Ok((Some(b(2, 1)), Some(Bytes::from_static(b"v"))))
         );
+    }
+
+    #[test]
+    fn unanimity_is_only_claimed_when_every_promise_agrees() {
+        let mut t = PhaseTally::new(3);
+        t.promise(Some(b(2, 1)), Some(Bytes::from_static(b"v")));
+        t.promise(Some(b(2, 1)), Some(Bytes::from_static(b"v")));
+        assert!(t.unanimous());
+        t.promise(None, None);
+        assert!(!t.unanimous());
     }
 
     #[test]
