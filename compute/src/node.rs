@@ -81,6 +81,7 @@ impl Node {
     pub async fn new(
         config: ComputeConfig,
         storage: Option<StorageClient>,
+        node_id: NodeId,
     ) -> Result<Arc<Node>, AmqpError> {
         let meta = match &storage {
             Some(s) => Meta::Registers(s.registers()),
@@ -88,7 +89,7 @@ impl Node {
         };
         let node = Arc::new_cyclic(|this| Node {
             config,
-            node_id: NodeId::random(),
+            node_id,
             topology: Topology::new(meta.clone()),
             storage,
             meta,

@@ -13,6 +13,7 @@ use crate::config::ComputeConfig;
 use crate::connection;
 use crate::error::ComputeError;
 use crate::node::Node;
+use warren_common::NodeId;
 
 /// A running compute node.
 pub struct ComputeNode {
@@ -28,18 +29,28 @@ impl ComputeNode {
         config: ComputeConfig,
         storage: StorageClient,
     ) -> Result<Self, ComputeError> {
-        Self::start_inner(config, Some(storage)).await
+        Self::start_inner(config, Some(storage), NodeId::random()).await
+    }
+
+    /// Like [`ComputeNode::start`], with the node identity the storage client was given.
+    pub async fn start_as(
+        config: ComputeConfig,
+        storage: StorageClient,
+        node_id: NodeId,
+    ) -> Result<Self, ComputeError> {
+        Self::start_inner(config, Some(storage), node_id).await
     }
 
     /// Start without a storage tier: every queue lives in memory and metadata is local.
     /// For tests of the protocol layer and for throwaway brokers.
     pub async fn start_in_memory(config: ComputeConfig) -> Result<Self, ComputeError> {
-        Self::start_inner(config, None).await
+        Self::start_inner(config, None, NodeId::random()).await
     }
 
     async fn start_inner(
         config: ComputeConfig,
         storage: Option<StorageClient>,
+        node_id: NodeId,
     ) -> Result<Self, ComputeError> {
         config.validate()?;
         let addr = config.amqp_listen;
@@ -47,7 +58,7 @@ impl ComputeNode {
             .await
             .map_err(|source| ComputeError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
-        let node = Node::new(config, storage)
+        let node = Node::new(config, storage, node_id)
             .await
             .map_err(|e| ComputeError::Startup(e.to_string()))?;
         let (stop, stopped) = watch::channel(false);
@@ -119,15 +130,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ComputeError> {
     config.validate()?;
+    let node_id = NodeId::random();
     let storage = StorageClient::connect(StorageClientConfig {
-        node_id: warren_common::NodeId::random(),
+        node_id,
         zone: warren_common::Zone(config.zone.clone()),
         seeds: config.storage_seeds.clone(),
         replication: config.replication,
         tls: config.tls.clone(),
     })
     .await?;
-    let node = ComputeNode::start(config, storage).await?;
+    let node = ComputeNode::start_as(config, storage, node_id).await?;
     shutdown.await;
     info!("compute node shutting down");
     node.stop().await;
