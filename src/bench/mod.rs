@@ -362,20 +362,33 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
     let mut samples = Vec::new();
     let mut last = counters.snapshot();
     let mut tick = start;
+    // Tasks only end early on error; one that ends right at `end` is kept for the report.
+    let mut producers_done = Vec::new();
+    let mut consumers_done = Vec::new();
     while tick < end {
         let next = (tick + Duration::from_secs(1)).min(end);
         tokio::select! {
+            biased;
             () = tokio::time::sleep_until(next) => {}
-            Some(failed) = producers.join_next() => {
-                // A producer only ends early on error.
-                let _ = stop_tx.send(true);
-                failed.context("producer task")??;
-                bail!("a producer stopped before the end of the run");
+            Some(done) = producers.join_next() => {
+                match done.context("producer task").and_then(|r| r) {
+                    Ok(outcome) => producers_done.push(outcome),
+                    Err(e) => {
+                        let _ = stop_tx.send(true);
+                        return Err(e);
+                    }
+                }
+                continue;
             }
-            Some(failed) = consumers.join_next() => {
-                let _ = stop_tx.send(true);
-                failed.context("consumer task")??;
-                bail!("a consumer stopped before the end of the run");
+            Some(done) = consumers.join_next() => {
+                match done.context("consumer task").and_then(|r| r) {
+                    Ok(outcome) => consumers_done.push(outcome),
+                    Err(e) => {
+                        let _ = stop_tx.send(true);
+                        return Err(e);
+                    }
+                }
+                continue;
             }
         }
         let now = counters.snapshot();
@@ -401,7 +414,9 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
     let mut slow_confirms = Vec::new();
     let mut unconfirmed = 0;
     while let Some(done) = producers.join_next().await {
-        let outcome = done.context("producer task")??;
+        producers_done.push(done.context("producer task")??);
+    }
+    for outcome in producers_done {
         confirm_latency.add(&outcome.confirm_latency)?;
         slow_confirms.extend(outcome.slow_confirms);
         unconfirmed += outcome.unconfirmed;
@@ -430,7 +445,9 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
     let _ = stop_tx.send(true);
     let mut e2e_latency = new_histogram();
     while let Some(done) = consumers.join_next().await {
-        let outcome = done.context("consumer task")??;
+        consumers_done.push(done.context("consumer task")??);
+    }
+    for outcome in consumers_done {
         e2e_latency.add(&outcome.e2e_latency)?;
     }
 
