@@ -234,7 +234,9 @@ RABBIT_PID=$(listener_pid "$RPORT")
 
 log "starting warren dev on port $WPORT"
 WARREN_URI=""
-setsid "$WARREN_BIN" dev --data-dir "$WORK/warren-data" --amqp-port "$WPORT" --http-port "$HPORT" \
+# The journal's debug lines (group commits, files freed) help explain latency outliers.
+RUST_LOG=${RUST_LOG:-info,warren_storage::node::store=debug} \
+    setsid "$WARREN_BIN" dev --data-dir "$WORK/warren-data" --amqp-port "$WPORT" --http-port "$HPORT" \
     </dev/null >"$WORK/warren.log" 2>&1 &
 WPID=$!
 deadline=$((SECONDS + WARREN_START_TIMEOUT))
