@@ -76,6 +76,8 @@ pub struct Conn {
     /// Commands for queue owners gathered while handling one read, sent as one batch per
     /// queue before anything else talks to those queues.
     outbox: Vec<(QueueHandle, Vec<QueueCmd>)>,
+    /// Queues whose owner could not be started, until when, and why.
+    pub(crate) unavailable: HashMap<String, (Instant, AmqpError)>,
 }
 
 /// Serve one accepted socket until it closes.
@@ -114,6 +116,7 @@ where
         last_read: Instant::now(),
         route_buf: Vec::new(),
         outbox: Vec::new(),
+        unavailable: HashMap::new(),
         node,
     };
     let (mut rd, mut wr) = tokio::io::split(stream);

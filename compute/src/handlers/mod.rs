@@ -17,6 +17,9 @@ use crate::error::AmqpError;
 use crate::queue::QueueHandle;
 use crate::topology::QueueDef;
 
+/// How long a connection treats a queue as unavailable after failing to start its owner.
+const UNAVAILABLE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `'name' in vhost '/'`, as RabbitMQ names resources in errors.
 pub(crate) fn rs(kind: &str, name: &str, vhost: &str) -> String {
     format!("{kind} '{name}' in vhost '{vhost}'")
@@ -178,9 +181,26 @@ impl Conn {
         {
             return Ok(h.clone());
         }
-        let h = self.node.queue(&self.vhost, def).await?;
-        self.queue_cache.insert(def.name.clone(), h.clone());
-        Ok(h)
+        if let Some((until, e)) = self.unavailable.get(&def.name)
+            && tokio::time::Instant::now() < *until
+        {
+            return Err(e.clone());
+        }
+        match self.node.queue(&self.vhost, def).await {
+            Ok(h) => {
+                self.unavailable.remove(&def.name);
+                self.queue_cache.insert(def.name.clone(), h.clone());
+                Ok(h)
+            }
+            Err(e) => {
+                // Storage could not give us the queue: fail fast for a moment instead of
+                // retrying a takeover for every message that follows.
+                let until = tokio::time::Instant::now() + UNAVAILABLE_BACKOFF;
+                self.unavailable
+                    .insert(def.name.clone(), (until, e.clone()));
+                Err(e)
+            }
+        }
     }
 }
 
