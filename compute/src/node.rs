@@ -170,7 +170,18 @@ impl Node {
                 .clone()
         };
         let guard = lock.lock().await;
-        let result = self.open_queue(vhost, def).await;
+        let result = self.open_queue(vhost, def).await.map_err(|e| {
+            if e.code == crate::error::ReplyCode::InternalError {
+                // RabbitMQ's answer for a durable queue whose home is unreachable: a 404
+                // on the channel, so the connection (and its other channels) live on.
+                AmqpError::not_found(format!(
+                    "queue '{}' in vhost '{vhost}' is down or inaccessible ({})",
+                    def.name, e.text
+                ))
+            } else {
+                e
+            }
+        });
         drop(guard);
         {
             let mut map = match self.opening.lock() {
