@@ -155,7 +155,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     #[allow(clippy::print_stdout)]
     {
-        println!("amqp://guest:guest@{amqp_addr}/");
+        // `%2f` names the default vhost `/` explicitly: by the AMQP URI spec a bare trailing
+        // slash would name the vhost "".
+        println!("amqp://guest:guest@{amqp_addr}/%2f");
     }
     tracing::info!(data_dir = %layout.root.display(), "warren dev cluster ready");
 
