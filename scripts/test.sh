@@ -164,4 +164,18 @@ else
     record java 0 1 1
 fi
 
+# ---- Lint ----------------------------------------------------------------------------------
+# Formatting and clippy are part of the suite: a change that breaks either fails CI.
+if ! $against_rabbitmq; then
+    section "lint"
+    lint_failed=0
+    cargo fmt --all --check >"$logs/fmt.log" 2>&1 || { lint_failed=$((lint_failed + 1)); head -n 40 "$logs/fmt.log"; }
+    if ! cargo clippy --workspace --all-targets -- -D warnings >"$logs/clippy.log" 2>&1; then
+        lint_failed=$((lint_failed + 1))
+        grep -E -A8 '^(error|warning)' "$logs/clippy.log" | head -n 60
+    fi
+    echo "lint: fmt and clippy, $lint_failed failed"
+    record lint $((2 - lint_failed)) "$lint_failed" 0
+fi
+
 finish
