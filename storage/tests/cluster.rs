@@ -123,6 +123,41 @@ async fn appends_go_on_when_one_node_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_opens_only_once_a_full_write_quorum_of_nodes_registered() {
+    use warren_storage::meta::{self, LogMeta};
+    // Two nodes registered of the three a segment needs, as while a cluster starts.
+    let mut cluster = Cluster::start_with_late_nodes(2, 1).await;
+    let client = cluster.client().await;
+    let log = LogId::random();
+    // A segment on two nodes with an ack quorum of two could lose neither: no appends and
+    // no takeover after one failure. The takeover waits for a third node instead.
+    match client.acquire_log(log).await {
+        Err(e @ StorageError::Unavailable(_)) => assert!(e.is_retryable()),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a log was opened on fewer nodes than its write quorum"),
+    }
+
+    cluster.start_late(2);
+    cluster.wait_registered(3).await;
+    let w = client.acquire_log(log).await.unwrap();
+    let regs = client.registers();
+    let desc: LogMeta =
+        meta::decode(&regs.get(&meta::log_key(log)).await.unwrap().unwrap()).unwrap();
+    assert_eq!(desc.segments.last().unwrap().ensemble.len(), 3);
+    let first = payloads("a", 50);
+    append_all(&w, &first).await;
+
+    // Any one member may now fail: appends go on and a new owner recovers everything.
+    cluster.stop(2).await;
+    let second = payloads("b", 50);
+    append_all(&w, &second).await;
+    let all: Vec<Bytes> = first.into_iter().chain(second).collect();
+    assert_eq!(read_all(&w).await, all);
+    let w2 = cluster.client().await.acquire_log(log).await.unwrap();
+    assert_eq!(read_all(&w2).await, all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_owner_fences_the_first_and_keeps_everything_acknowledged() {
     let cluster = Cluster::start(3).await;
     let c1 = cluster.client().await;

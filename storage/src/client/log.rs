@@ -52,6 +52,19 @@ pub(crate) async fn acquire(
 
 async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter, StorageError> {
     client.refresh_registry().await?;
+    let repl = client.config.replication;
+    // Every segment lives on a full write quorum (RFC 0001). Fewer registered nodes only
+    // happens while the cluster is still starting; a segment opened then on `Qa` nodes
+    // would stop taking appends, and could not be recovered, after losing any one of them,
+    // even once a spare node exists. Checked before raising the epoch, so that waiting for
+    // the nodes to register does not churn the descriptor; retrying re-reads the registry.
+    let registered = client.candidates().len();
+    if registered < repl.write_quorum {
+        return Err(StorageError::Unavailable(format!(
+            "only {registered} storage nodes registered, write quorum is {}",
+            repl.write_quorum
+        )));
+    }
     let key = meta::log_key(log);
     let me = client.config.node_id;
     // Step 1: raise the epoch. From here on no descriptor change by an older writer lands.
@@ -82,7 +95,6 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
     }
 
     // Step 5: seal it and open ours, in one CAS conditional on our epoch.
-    let repl = client.config.replication;
     let id = SegmentId(rand::random());
     let ensemble = choose_ensemble(
         &client.candidates(),
@@ -91,11 +103,11 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
         id.0,
         &[],
     );
-    if ensemble.len() < repl.ack_quorum {
+    if ensemble.len() < repl.write_quorum {
         return Err(StorageError::Unavailable(format!(
-            "only {} storage nodes registered, ack quorum is {}",
+            "only {} storage nodes registered, write quorum is {}",
             ensemble.len(),
-            repl.ack_quorum
+            repl.write_quorum
         )));
     }
     let segment = SegmentMeta {
@@ -636,7 +648,7 @@ async fn switch_segment(
             ensemble = all;
         }
     }
-    if ensemble.len() < repl.ack_quorum {
+    if ensemble.len() < repl.write_quorum {
         return Err(
             StorageError::Unavailable("too few storage nodes for a new ensemble".into()).into(),
         );
@@ -1037,7 +1049,7 @@ impl LogWriter {
                 core.on_reply(tag, result);
             }
         });
-        tracing::info!(%log, %epoch, segment = seg_index, "log writer ready");
+        tracing::info!(%log, %epoch, segment = seg_index, members = n, "log writer ready");
         Ok(LogWriter { core })
     }
 

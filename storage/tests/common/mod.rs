@@ -17,6 +17,8 @@ pub struct Node {
     pub config: StorageNodeConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), StorageError>>>,
+    // The control listener of a node that has not started yet, holding its port.
+    reserved: Option<std::net::TcpListener>,
 }
 
 pub struct Cluster {
@@ -44,20 +46,34 @@ impl Cluster {
         Self::start_with(n, true).await
     }
 
+    /// `n` seed nodes started now, and `late` more (indexes `n..n + late`) that join the
+    /// running cluster only when [`Cluster::start_late`] is called. Late nodes are not
+    /// register acceptors, so the registers work without them.
+    pub async fn start_with_late_nodes(n: usize, late: usize) -> Cluster {
+        Self::start_nodes(n, late, false).await
+    }
+
     async fn start_with(n: usize, fixed_data_ports: bool) -> Cluster {
+        Self::start_nodes(n, 0, fixed_data_ports).await
+    }
+
+    async fn start_nodes(n: usize, late: usize, fixed_data_ports: bool) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
-        let mut names: Vec<String> = (1..=n).map(|i| format!("storage-{i}")).collect();
+        let mut names: Vec<String> = (1..=n + late).map(|i| format!("storage-{i}")).collect();
         names.push("compute".into());
         let name_refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
         let mut tls =
             warren_common::tls::create_dev_cluster_tls(&dir.path().join("tls"), &name_refs)
                 .unwrap();
         let client_tls = tls.pop().unwrap();
-        let listeners: Vec<std::net::TcpListener> = (0..n)
+        let listeners: Vec<std::net::TcpListener> = (0..n + late)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
-        let seeds: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let seeds: Vec<SocketAddr> = listeners[..n]
+            .iter()
+            .map(|l| l.local_addr().unwrap())
+            .collect();
         let zones = ["zone-a", "zone-b", "zone-c"];
         let mut nodes = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -71,7 +87,7 @@ impl Cluster {
                 } else {
                     "127.0.0.1:0".parse().unwrap()
                 },
-                control_addr: seeds[i],
+                control_addr: listener.local_addr().unwrap(),
                 advertise_data_addr: None,
                 advertise_control_addr: None,
                 tls: tls[i].clone(),
@@ -82,8 +98,13 @@ impl Cluster {
                 config,
                 stop: None,
                 task: None,
+                reserved: None,
             };
-            node.spawn(Some(listener));
+            if i < n {
+                node.spawn(Some(listener));
+            } else {
+                node.reserved = Some(listener);
+            }
             nodes.push(node);
         }
         let cluster = Cluster {
@@ -138,6 +159,15 @@ impl Cluster {
 
     pub async fn stop(&mut self, i: usize) {
         self.nodes[i].stop().await;
+    }
+
+    /// Start a node set aside by [`Cluster::start_with_late_nodes`].
+    pub fn start_late(&mut self, i: usize) {
+        let listener = self.nodes[i]
+            .reserved
+            .take()
+            .expect("a late node not started yet");
+        self.nodes[i].spawn(Some(listener));
     }
 
     pub async fn restart(&mut self, i: usize) {
