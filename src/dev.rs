@@ -14,6 +14,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdin, Command};
 
+/// Certificate name of the supervisor itself.
+const SUPERVISOR_NAME: &str = "dev-supervisor";
+
 /// Number of storage nodes (and zones) `warren dev` starts.
 const STORAGE_NODES: usize = 3;
 
@@ -99,6 +102,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let compute_name = "compute-0".to_string();
     let mut all_names: Vec<&str> = storage_names.iter().map(String::as_str).collect();
     all_names.push(&compute_name);
+    // The supervisor's own identity, to read the node registry while starting up.
+    all_names.push(SUPERVISOR_NAME);
     let tls = warren_common::tls::create_dev_cluster_tls(&layout.tls_dir(), &all_names)
         .context("creating the cluster CA and node certificates")?;
 
@@ -106,6 +111,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .map(|_| free_port().map(loopback))
         .collect::<anyhow::Result<_>>()?;
     let mut configs = Vec::new();
+    let mut storage_data_addrs = Vec::new();
     for (i, name) in storage_names.iter().enumerate() {
         let config = warren_storage::config::StorageNodeConfig {
             name: name.clone(),
@@ -121,6 +127,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         };
         let path = layout.config_dir().join(format!("{name}.toml"));
         write_toml(&path, &config)?;
+        storage_data_addrs.push((name.clone(), config.data_addr));
         configs.push((name.clone(), "storage", path));
     }
     let amqp_addr = loopback(args.amqp_port);
@@ -146,7 +153,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let outcome = tokio::select! {
-        ready = wait_until_accepting(amqp_addr, &mut nodes) => ready,
+        ready = async {
+            let registers = warren_storage::client::Registers::connect(
+                &grpc_addrs,
+                &tls[STORAGE_NODES + 1],
+            )?;
+            wait_until_registered(&registers, &storage_data_addrs, &mut nodes).await?;
+            wait_until_accepting(amqp_addr, &mut nodes).await
+        } => ready,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted before the cluster was ready")),
     };
     if let Err(e) = outcome {
@@ -217,17 +231,54 @@ fn spawn_node(
     })
 }
 
+/// Wait until every storage node of this run is in the node registry (with the address it
+/// has in this run, not one left from an earlier run), so that the first queue declared gets
+/// a full ensemble.
+async fn wait_until_registered(
+    registers: &warren_storage::client::Registers,
+    expected: &[(String, SocketAddr)],
+    nodes: &mut [Node],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(value)) = registers.get(warren_storage::meta::NODES_KEY).await
+            && let Ok(registry) =
+                serde_json::from_slice::<warren_storage::meta::NodeRegistry>(&value)
+        {
+            let registered = expected.iter().all(|(name, addr)| {
+                registry
+                    .nodes
+                    .values()
+                    .any(|n| &n.name == name && n.data_addr == *addr)
+            });
+            if registered {
+                return Ok(());
+            }
+        }
+        check_children(nodes)?;
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("storage nodes did not all register in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn check_children(nodes: &mut [Node]) -> anyhow::Result<()> {
+    for node in nodes.iter_mut() {
+        if let Some(status) = node.child.try_wait()? {
+            anyhow::bail!("{} exited during start-up ({status})", node.name);
+        }
+    }
+    Ok(())
+}
+
 async fn wait_until_accepting(addr: SocketAddr, nodes: &mut [Node]) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
-        for node in nodes.iter_mut() {
-            if let Some(status) = node.child.try_wait()? {
-                anyhow::bail!("{} exited during start-up ({status})", node.name);
-            }
-        }
+        check_children(nodes)?;
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!("compute node did not accept connections on {addr} in time");
         }

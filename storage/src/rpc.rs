@@ -49,7 +49,13 @@ pub fn ballot_to_wire(b: Ballot) -> WireBallot {
 }
 
 fn internal(e: StorageError) -> tonic::Status {
-    tracing::warn!(error = %e, "register acceptor failed");
+    // A retryable refusal (an acceptor catching up at start) is routine: the proposer retries
+    // elsewhere, so it is no operator's concern.
+    if e.is_retryable() {
+        tracing::debug!(error = %e, "register acceptor refused for now");
+    } else {
+        tracing::warn!(error = %e, "register acceptor failed");
+    }
     tonic::Status::unavailable(e.to_string())
 }
 
