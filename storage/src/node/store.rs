@@ -97,6 +97,9 @@ fn file_path(dir: &Path, n: u32) -> PathBuf {
 }
 
 /// Remove journal files that hold no live record (blocking).
+/// Batches of freed journal files waiting for the janitor; past this the writer waits.
+const JANITOR_DEPTH: usize = 64;
+
 fn remove_files(dir: &Path, state: &Mutex<State>, files: &[u32]) {
     for f in files {
         let still_free = {
@@ -275,10 +278,24 @@ impl Store {
         remove_files(dir, &state, &freed);
         let stats = Arc::new(Stats::default());
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_DEPTH);
+        let (janitor, freed_files) = std::sync::mpsc::sync_channel::<Vec<u32>>(JANITOR_DEPTH);
+        {
+            let state = state.clone();
+            let dir = dir.to_path_buf();
+            // Ends when the writer (the only sender) is gone.
+            std::thread::Builder::new()
+                .name("journal-janitor".into())
+                .spawn(move || {
+                    for files in freed_files {
+                        remove_files(&dir, &state, &files);
+                    }
+                })?;
+        }
         let thread = {
             let state = state.clone();
             let stats = stats.clone();
             let w = JournalWriter {
+                janitor,
                 dir: dir.to_path_buf(),
                 file,
                 number: active,
@@ -575,9 +592,21 @@ struct JournalWriter {
     number: u32,
     pos: u64,
     file_bytes: u64,
+    /// Unlinking a 256 MiB file takes long enough to stall a group commit, and every node
+    /// frees its files at about the same moment: a janitor thread does it off the write path.
+    janitor: std::sync::mpsc::SyncSender<Vec<u32>>,
 }
 
 impl JournalWriter {
+    /// Hand journal files that no live segment uses to the janitor. `remove_files` checks
+    /// again under the state lock, so a late removal is as safe as an immediate one, and a
+    /// file left behind by a crash is removed at the next start.
+    fn free(&self, files: Vec<u32>) {
+        if self.janitor.send(files).is_err() {
+            tracing::warn!("journal janitor stopped; freed files stay until the next start");
+        }
+    }
+
     /// Start the next file; the old one is complete (every batch in it was fsync'd).
     fn rotate(&mut self, state: &Mutex<State>) -> std::io::Result<()> {
         let next = self.number + 1;
@@ -606,7 +635,7 @@ impl JournalWriter {
         self.number = next;
         self.pos = 0;
         if old_free {
-            remove_files(&self.dir, state, &[old]);
+            self.free(vec![old]);
         }
         Ok(())
     }
@@ -680,10 +709,9 @@ fn writer_loop(
                 stats
                     .bytes
                     .fetch_add(batch.buf.len() as u64, Ordering::Relaxed);
-                // Deletes are durable now: files they emptied can go (before the answers,
-                // so a caller that saw its delete done sees the space freed).
+                // Deletes are durable now: files they emptied can go.
                 if !freed.is_empty() {
-                    remove_files(&w.dir, &state, &freed);
+                    w.free(std::mem::take(&mut freed));
                 }
                 for (_, answer, reply) in staged {
                     reply(answer);
@@ -819,7 +847,15 @@ mod tests {
             store.apply(Mutation::Delete { segment: 1 }).await,
             Response::Ok
         );
-        let after = journal_files(dir.path());
+        // The janitor thread unlinks freed files shortly after the delete is durable.
+        let mut after = journal_files(dir.path());
+        for _ in 0..500 {
+            if !after.contains(&"journal-00000001".to_string()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            after = journal_files(dir.path());
+        }
         assert!(
             !after.contains(&"journal-00000001".to_string()),
             "{before:?} -> {after:?}"
