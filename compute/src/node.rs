@@ -300,7 +300,7 @@ impl Node {
             .unwrap_or(0);
         let mut targets = Vec::new();
         for (entry, reason) in dead {
-            let msg = dead_lettered(&entry.msg, queue, reason, dlx, dlrk, now);
+            let msg = dead_lettered(&entry.msg, queue, reason, dlrk, now);
             targets.clear();
             if dlx.is_empty() {
                 if topo.queues.contains_key(&msg.routing_key) {
@@ -486,7 +486,6 @@ fn dead_lettered(
     msg: &Message,
     queue: &str,
     reason: DeadReason,
-    dlx: &str,
     dlrk: Option<&str>,
     now_secs: u64,
 ) -> Message {
@@ -549,49 +548,9 @@ fn dead_lettered(
     headers.insert("x-last-death-queue".into(), s(queue));
     headers.insert("x-last-death-reason".into(), s(reason.as_str()));
     props = props.with_headers(headers);
-    let mut props_no_exp = amq_protocol::protocol::BasicProperties::default();
-    // Rebuild without the expiration, which moved into x-death.
-    if let Some(v) = props.content_type() {
-        props_no_exp = props_no_exp.with_content_type(v.clone());
-    }
-    if let Some(v) = props.content_encoding() {
-        props_no_exp = props_no_exp.with_content_encoding(v.clone());
-    }
-    if let Some(v) = props.headers() {
-        props_no_exp = props_no_exp.with_headers(v.clone());
-    }
-    if let Some(v) = props.delivery_mode() {
-        props_no_exp = props_no_exp.with_delivery_mode(*v);
-    }
-    if let Some(v) = props.priority() {
-        props_no_exp = props_no_exp.with_priority(*v);
-    }
-    if let Some(v) = props.correlation_id() {
-        props_no_exp = props_no_exp.with_correlation_id(v.clone());
-    }
-    if let Some(v) = props.reply_to() {
-        props_no_exp = props_no_exp.with_reply_to(v.clone());
-    }
-    if let Some(v) = props.message_id() {
-        props_no_exp = props_no_exp.with_message_id(v.clone());
-    }
-    if let Some(v) = props.timestamp() {
-        props_no_exp = props_no_exp.with_timestamp(*v);
-    }
-    if let Some(v) = props.kind() {
-        props_no_exp = props_no_exp.with_type(v.clone());
-    }
-    if let Some(v) = props.user_id() {
-        props_no_exp = props_no_exp.with_user_id(v.clone());
-    }
-    if let Some(v) = props.app_id() {
-        props_no_exp = props_no_exp.with_app_id(v.clone());
-    }
-    if let Some(v) = props.cluster_id() {
-        props_no_exp = props_no_exp.with_cluster_id(v.clone());
-    }
+    // The expiration moved into x-death: the dead-lettered copy must not expire again.
+    let props_no_exp = without_expiration(&props);
     let routing_key = dlrk.unwrap_or(&msg.routing_key).to_string();
-    let _ = dlx;
     Message::new(
         msg.exchange.clone(),
         routing_key,
@@ -599,4 +558,55 @@ fn dead_lettered(
         &props_no_exp,
         msg.body.clone(),
     )
+}
+
+/// `props` without its expiration. amq-protocol has no way to unset one property, so the
+/// others are copied onto a fresh value.
+fn without_expiration(
+    props: &amq_protocol::protocol::BasicProperties,
+) -> amq_protocol::protocol::BasicProperties {
+    if props.expiration().is_none() {
+        return props.clone();
+    }
+    let mut out = amq_protocol::protocol::BasicProperties::default();
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = props.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
 }
