@@ -13,6 +13,9 @@ use crate::StorageError;
 /// Register key of the storage node registry.
 pub const NODES_KEY: &str = "nodes";
 
+/// Register key of the compute node registry.
+pub const COMPUTE_NODES_KEY: &str = "compute-nodes";
+
 /// Register key of a log's descriptor.
 pub fn log_key(log: LogId) -> String {
     format!("log/{log}")
@@ -29,8 +32,59 @@ pub struct NodeRecord {
     pub data_addr: SocketAddr,
     /// gRPC control-plane address.
     pub control_addr: SocketAddr,
-    /// Raised at every process start.
+    /// Raised at every process start, and by eviction.
     pub generation: Generation,
+    /// Whether the node is a member in good standing.
+    #[serde(default)]
+    pub state: MemberState,
+    /// Raised by the node at every lease renewal; observers judge the lease by how long
+    /// they have seen it unchanged on their own clock (no cross-node clock comparison).
+    #[serde(default)]
+    pub heartbeat: u64,
+}
+
+/// Where a node stands in the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Registered and renewing its lease.
+    #[default]
+    Active,
+    /// Stopping gracefully: owns nothing new, hands its queues off.
+    Leaving,
+    /// Removed (lease lapsed, or by an operator). Its generation was raised past the one it
+    /// ran with, so storage refuses that process; a node that finds itself evicted stops
+    /// serving and joins again with a fresh generation.
+    Evicted,
+}
+
+/// One compute node as published in the compute registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeRecord {
+    /// Operator-facing node name.
+    pub name: String,
+    /// The node's zone.
+    pub zone: Zone,
+    /// Where AMQP clients connect to it.
+    pub amqp_addr: SocketAddr,
+    /// Its internal QUIC address (operations forwarded to queue owners).
+    pub peer_addr: SocketAddr,
+    /// Raised at every process start, and by eviction.
+    pub generation: Generation,
+    /// Where it stands.
+    #[serde(default)]
+    pub state: MemberState,
+    /// Raised at every lease renewal (see [`NodeRecord::heartbeat`]).
+    #[serde(default)]
+    pub heartbeat: u64,
+}
+
+/// The compute node registry: every compute node identity ever started, by id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeRegistry {
+    /// Nodes by id.
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, ComputeRecord>,
 }
 
 /// The storage node registry: every node identity ever started, by id.
@@ -122,6 +176,8 @@ mod tests {
                 data_addr: "127.0.0.1:1".parse().unwrap(),
                 control_addr: "127.0.0.1:2".parse().unwrap(),
                 generation: Generation(3),
+                state: MemberState::Active,
+                heartbeat: 7,
             },
         );
         let back: NodeRegistry = decode(&encode(&reg)).unwrap();

@@ -143,6 +143,8 @@ async fn serve(
         data_addr,
         control_addr,
         generation: Generation(0),
+        state: meta::MemberState::Active,
+        heartbeat: 0,
     };
     let register_task = tokio::spawn(
         register_self(config.seeds.clone(), config.tls.clone(), node_id, record).in_current_span(),
@@ -195,6 +197,7 @@ async fn register_self(
                     node_id,
                     NodeRecord {
                         generation,
+                        state: meta::MemberState::Active,
                         ..record.clone()
                     },
                 );
