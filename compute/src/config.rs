@@ -17,9 +17,20 @@ pub struct ComputeConfig {
     /// Where AMQP clients connect.
     #[serde(default = "default_amqp_listen")]
     pub amqp_listen: SocketAddr,
+    /// Where other compute nodes reach this one (QUIC, cluster mTLS): operations on the
+    /// queues this node owns are forwarded here.
+    #[serde(default = "default_peer_listen")]
+    pub peer_listen: SocketAddr,
+    /// Address other nodes and clients are told to use for `peer_listen` and
+    /// `amqp_listen` when those bind a wildcard address (default: loopback).
+    #[serde(default)]
+    pub advertise_host: Option<std::net::IpAddr>,
     /// Control-plane (gRPC) addresses of storage nodes.
     #[serde(default)]
     pub storage_seeds: Vec<SocketAddr>,
+    /// Membership: lease timing.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Cluster TLS material for talking to storage.
     pub tls: TlsPaths,
     /// Replication of the queue logs this node writes.
@@ -64,6 +75,30 @@ impl Default for Limits {
     }
 }
 
+/// How compute nodes keep their membership.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often a node renews its lease, in milliseconds.
+    pub renew_ms: u64,
+    /// A compute node whose lease was not renewed for this long is evicted and its
+    /// queues move to other nodes.
+    pub lease_ms: u64,
+    /// A storage node whose lease was not renewed for this long is evicted and its
+    /// replicas are rebuilt elsewhere (long: a restart must not trigger re-replication).
+    pub storage_lease_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            renew_ms: 1_000,
+            lease_ms: 3_000,
+            storage_lease_ms: 30_000,
+        }
+    }
+}
+
 /// Authentication settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -100,6 +135,10 @@ fn default_node_name() -> String {
     "warren@localhost".into()
 }
 
+fn default_peer_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5680))
+}
+
 fn default_zone() -> String {
     "zone-a".into()
 }
@@ -118,7 +157,10 @@ impl ComputeConfig {
             node_name: default_node_name(),
             zone: default_zone(),
             amqp_listen: default_amqp_listen(),
+            peer_listen: default_peer_listen(),
+            advertise_host: None,
             storage_seeds: Vec::new(),
+            cluster: ClusterConfig::default(),
             tls,
             replication: Replication::default(),
             limits: Limits::default(),
@@ -152,6 +194,21 @@ impl ComputeConfig {
             return Err(invalid(
                 "limits.max_inflight_confirms",
                 "must be at least 1",
+            ));
+        }
+        if self.cluster.renew_ms == 0 {
+            return Err(invalid("cluster.renew_ms", "must be at least 1"));
+        }
+        if self.cluster.lease_ms < 2 * self.cluster.renew_ms {
+            return Err(invalid(
+                "cluster.lease_ms",
+                "must be at least twice cluster.renew_ms",
+            ));
+        }
+        if self.cluster.storage_lease_ms < self.cluster.lease_ms {
+            return Err(invalid(
+                "cluster.storage_lease_ms",
+                "must be at least cluster.lease_ms",
             ));
         }
         if self.node_name.is_empty() {

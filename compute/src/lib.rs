@@ -29,6 +29,7 @@
 //!   its own writes. Transient entities live only on the node that declared them.
 
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

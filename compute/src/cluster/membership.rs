@@ -1,0 +1,1 @@
+//! Compute node membership: registration with a fresh generation, lease renewal, eviction.

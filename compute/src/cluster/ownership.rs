@@ -1,0 +1,1 @@
+//! Queue ownership: rendezvous hashing over live compute nodes, leases and epochs.

@@ -1,0 +1,1 @@
+//! The internal QUIC transport between compute nodes: operations forwarded to queue owners.
