@@ -31,9 +31,15 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Command-line options of `warren bench` (names follow RabbitMQ PerfTest where one exists).
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// AMQP URI of the broker under test.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub uri: String,
+    /// AMQP URI of the broker under test. Give it several times to spread connections over
+    /// the nodes of a cluster: producer i connects to URI i mod N, consumer j to URI
+    /// (j + --consumer-uri-offset) mod N; queues are declared and deleted through the first.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", action = ArgAction::Append)]
+    pub uri: Vec<String>,
+    /// Shift consumers' URIs relative to producers' (with 2 URIs and offset 1, every consumer
+    /// is on a different node from the producer of its queue).
+    #[arg(long, default_value_t = 0)]
+    pub consumer_uri_offset: usize,
     /// Number of producers, each on its own connection.
     #[arg(long, short = 'x', default_value_t = 1)]
     pub producers: usize,
@@ -185,6 +191,27 @@ fn parse_queue_args(spec: Option<&str>) -> anyhow::Result<FieldTable> {
     Ok(table)
 }
 
+impl BenchArgs {
+    /// The URI queues are declared and deleted through.
+    fn setup_uri(&self) -> &str {
+        self.uri.first().map_or("", String::as_str)
+    }
+
+    /// The URI producer `index` connects to.
+    fn producer_uri(&self, index: usize) -> &str {
+        self.uri
+            .get(index % self.uri.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// The URI consumer `index` connects to.
+    fn consumer_uri(&self, index: usize) -> &str {
+        self.uri
+            .get((index + self.consumer_uri_offset) % self.uri.len().max(1))
+            .map_or("", String::as_str)
+    }
+}
+
 async fn connect(uri: &str, name: String) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.clone().into());
     tokio::time::timeout(SETUP_TIMEOUT, Connection::connect(uri, properties))
@@ -196,7 +223,7 @@ async fn connect(uri: &str, name: String) -> anyhow::Result<Connection> {
 /// Declare (and empty) the queues on a connection of their own.
 async fn declare_queues(args: &BenchArgs, queues: &[String]) -> anyhow::Result<()> {
     let arguments = parse_queue_args(args.queue_args.as_deref())?;
-    let conn = connect(&args.uri, "warren-bench-setup".into()).await?;
+    let conn = connect(args.setup_uri(), "warren-bench-setup".into()).await?;
     for queue in queues {
         let channel = conn.create_channel().await.context("channel.open")?;
         channel
@@ -296,7 +323,7 @@ async fn execute(args: &BenchArgs) -> anyhow::Result<Report> {
     .await
     .context("bench runtime thread")?;
     if !args.keep_queues && !args.predeclared {
-        delete_queues(&args.uri, &queues).await;
+        delete_queues(args.setup_uri(), &queues).await;
     }
     let mut report = result?;
     report.bench_cpu_s = match (cpu_at_start, report::process_cpu_seconds()) {
@@ -323,7 +350,7 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
             multi_ack_every: args.multi_ack_every,
             prefetch: args.prefetch,
         };
-        let uri = args.uri.clone();
+        let uri = args.consumer_uri(index).to_string();
         ready.spawn(async move {
             let conn = connect(&uri, format!("warren-bench-consumer-{index}")).await?;
             consumer::start(conn, plan).await
@@ -337,7 +364,13 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
 
     let mut producer_conns = Vec::with_capacity(args.producers);
     for index in 0..args.producers {
-        producer_conns.push(connect(&args.uri, format!("warren-bench-producer-{index}")).await?);
+        producer_conns.push(
+            connect(
+                args.producer_uri(index),
+                format!("warren-bench-producer-{index}"),
+            )
+            .await?,
+        );
     }
     let start = Instant::now();
     let end = start + Duration::from_secs(args.duration);
@@ -453,7 +486,12 @@ async fn drive(args: &BenchArgs, queues: &[String]) -> anyhow::Result<Report> {
 
     Ok(Report {
         setup: Setup {
-            uri: report::mask_uri(&args.uri),
+            uri: args
+                .uri
+                .iter()
+                .map(|u| report::mask_uri(u))
+                .collect::<Vec<_>>()
+                .join(","),
             id: args.id.clone(),
             producers: args.producers,
             consumers: args.consumers,
