@@ -67,6 +67,15 @@ pub enum Request {
     Stats,
     /// Say which node identity answers on this connection.
     Identify,
+    /// The compute node (16-byte node id) and generation this connection's later requests
+    /// come from; a node refuses writes from a generation the compute registry evicted.
+    /// Sent again whenever the sender's generation changes.
+    Hello {
+        /// The compute node id.
+        node: [u8; 16],
+        /// Its generation.
+        generation: u64,
+    },
 }
 
 /// One entry returned by a read.
@@ -87,6 +96,9 @@ pub enum ErrorCode {
     Invalid = 2,
     /// The node's disk failed.
     Io = 3,
+    /// The connection's compute generation was evicted from the cluster: the sender must
+    /// stop writing, exactly as if fenced.
+    Evicted = 4,
 }
 
 /// A storage node's answer to one request.
@@ -230,6 +242,12 @@ pub fn encode_request(id: u64, req: &Request, buf: &mut BytesMut) {
         }
         Request::Identify => {
             let at = begin(buf, 7, id);
+            finish(buf, at);
+        }
+        Request::Hello { node, generation } => {
+            let at = begin(buf, 8, id);
+            buf.put_slice(node);
+            buf.put_u64(*generation);
             finish(buf, at);
         }
     }
@@ -399,6 +417,14 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<(u64, Request)>, Fram
             done(&b)?;
             Request::Identify
         }
+        8 => {
+            need(&b, 24)?;
+            let mut node = [0u8; 16];
+            b.copy_to_slice(&mut node);
+            let generation = b.get_u64();
+            done(&b)?;
+            Request::Hello { node, generation }
+        }
         k => return Err(FrameError::UnknownKind(k)),
     };
     Ok(Some((id, req)))
@@ -473,6 +499,7 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<(u64, Response)>, Fr
                 1 => ErrorCode::Unavailable,
                 2 => ErrorCode::Invalid,
                 3 => ErrorCode::Io,
+                4 => ErrorCode::Evicted,
                 _ => return Err(FrameError::Malformed("unknown error code")),
             };
             let message = String::from_utf8_lossy(&b).into_owned();
@@ -518,6 +545,10 @@ mod tests {
             Request::Delete { segment: 9 },
             Request::Stats,
             Request::Identify,
+            Request::Hello {
+                node: [7; 16],
+                generation: 3,
+            },
         ]
     }
 
@@ -552,6 +583,10 @@ mod tests {
             Response::Error {
                 code: ErrorCode::Invalid,
                 message: "bad".into(),
+            },
+            Response::Error {
+                code: ErrorCode::Evicted,
+                message: String::new(),
             },
         ]
     }
@@ -599,6 +634,57 @@ mod tests {
         let mut want = vec![0, 0, 0, 25, 3, 0, 0, 0, 0, 0, 0, 0, 1];
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
         assert_eq!(&buf[..], &want[..]);
+    }
+
+    #[test]
+    fn golden_hello_bytes() {
+        let mut buf = BytesMut::new();
+        encode_request(
+            2,
+            &Request::Hello {
+                node: [0xab; 16],
+                generation: 5,
+            },
+            &mut buf,
+        );
+        let mut want = vec![0, 0, 0, 33, 8, 0, 0, 0, 0, 0, 0, 0, 2];
+        want.extend_from_slice(&[0xab; 16]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(&buf[..], &want[..]);
+    }
+
+    #[test]
+    fn hello_with_trailing_bytes_and_unknown_error_codes_are_malformed() {
+        let mut buf = BytesMut::new();
+        encode_request(
+            1,
+            &Request::Hello {
+                node: [1; 16],
+                generation: 1,
+            },
+            &mut buf,
+        );
+        buf.put_u8(0);
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(
+            decode_request(&mut buf),
+            Err(FrameError::Malformed("trailing bytes"))
+        );
+        let mut buf = BytesMut::new();
+        encode_response(
+            1,
+            &Response::Error {
+                code: ErrorCode::Evicted,
+                message: String::new(),
+            },
+            &mut buf,
+        );
+        buf[13] = 0x55;
+        assert_eq!(
+            decode_response(&mut buf),
+            Err(FrameError::Malformed("unknown error code"))
+        );
     }
 
     #[test]

@@ -460,6 +460,8 @@ impl Core {
                 );
                 self.fence(&mut st, reason);
             }
+            // A storage node refused this compute generation (it was evicted).
+            Err(StorageError::Fenced(reason)) => self.fence(&mut st, reason),
             other => {
                 st.quorum.on_member_down(member);
                 st.degraded = true;

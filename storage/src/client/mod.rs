@@ -137,6 +137,14 @@ impl StorageClient {
             .store(bytes.max(1), Ordering::Relaxed);
     }
 
+    /// Say on every data-plane connection that this client speaks for compute process
+    /// `node` at `generation` (storage refuses writes from evicted generations). Call it
+    /// after every (re-)join of the cluster; connections say the new one before their next
+    /// request.
+    pub fn set_identity(&self, node: NodeId, generation: warren_common::Generation) {
+        self.inner.data.set_identity(node, generation.0);
+    }
+
     /// The metadata registers.
     pub fn registers(&self) -> Registers {
         self.inner.registers.clone()

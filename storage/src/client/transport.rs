@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use warren_common::config::TlsPaths;
 use warren_common::tls::CLUSTER_SERVER_NAME;
-use warren_proto::internal::data::{self, Request, Response};
+use warren_proto::internal::data::{self, ErrorCode, Request, Response};
 
 use crate::StorageError;
 
@@ -49,6 +49,22 @@ struct Pending {
     waiting: HashMap<u64, ReplyTo>,
 }
 
+/// The compute process a client speaks for, said in a `Hello` on every connection so that
+/// storage nodes can refuse writes from an evicted generation.
+#[derive(Default)]
+pub struct Speaker {
+    who: Mutex<Option<(warren_common::NodeId, u64)>>,
+    // Raised by every change; 0 while there is no identity to say.
+    version: AtomicU64,
+}
+
+impl Speaker {
+    fn set(&self, node: warren_common::NodeId, generation: u64) {
+        *self.who.lock().unwrap_or_else(|e| e.into_inner()) = Some((node, generation));
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// One open connection to a storage node.
 pub struct Conn {
     /// The node identity that answered on this connection, once asked.
@@ -57,6 +73,9 @@ pub struct Conn {
     // pending window, one request per recovery step); the stream applies backpressure.
     tx: mpsc::UnboundedSender<(Request, ReplyTo)>,
     pending: Arc<Mutex<Pending>>,
+    speaker: Arc<Speaker>,
+    // The speaker version this connection last said Hello with.
+    said: Mutex<u64>,
 }
 
 fn close(pending: &Mutex<Pending>, why: &str) {
@@ -82,6 +101,24 @@ impl Conn {
 
     /// Send a request; the answer (or the connection's failure) goes to `reply`.
     pub fn submit(&self, req: Request, reply: ReplyTo) {
+        let version = self.speaker.version.load(Ordering::Acquire);
+        if version != 0 {
+            let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
+            // Under the lock, so the Hello goes out before any request that checked after
+            // the identity changed.
+            if *said != version {
+                let who = *self.speaker.who.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((node, generation)) = who {
+                    let (tx, _) = oneshot::channel();
+                    let hello = Request::Hello {
+                        node: node.0.into_bytes(),
+                        generation,
+                    };
+                    let _ = self.tx.send((hello, ReplyTo::Once(tx)));
+                }
+                *said = version;
+            }
+        }
         if let Err(e) = self.tx.send((req, reply)) {
             (e.0).1.send(Err(StorageError::Unavailable(
                 "storage connection closed".into(),
@@ -104,7 +141,11 @@ impl Conn {
         }
     }
 
-    async fn open(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Conn, StorageError> {
+    async fn open(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        speaker: Arc<Speaker>,
+    ) -> Result<Conn, StorageError> {
         let unavailable = |e: &dyn std::fmt::Display| {
             StorageError::Unavailable(format!("storage node {addr}: {e}"))
         };
@@ -178,7 +219,14 @@ impl Conn {
                             .waiting
                             .remove(&id);
                         if let Some(r) = reply {
-                            r.send(Ok(resp));
+                            r.send(match resp {
+                                // The writer must stop exactly as if fenced.
+                                Response::Error {
+                                    code: ErrorCode::Evicted,
+                                    message,
+                                } => Err(StorageError::Fenced(message)),
+                                other => Ok(other),
+                            });
                         }
                         continue;
                     }
@@ -202,6 +250,8 @@ impl Conn {
             identity: std::sync::OnceLock::new(),
             tx,
             pending,
+            speaker,
+            said: Mutex::new(0),
         })
     }
 }
@@ -209,6 +259,7 @@ impl Conn {
 /// Connections to every storage node this client talks to.
 pub struct DataClient {
     endpoint: quinn::Endpoint,
+    speaker: Arc<Speaker>,
     conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
@@ -227,6 +278,7 @@ impl DataClient {
     pub fn new(tls: &TlsPaths) -> Result<DataClient, StorageError> {
         Ok(DataClient {
             endpoint: crate::quic::client_endpoint(tls)?,
+            speaker: Arc::default(),
             conns: Mutex::new(HashMap::new()),
         })
     }
@@ -251,7 +303,7 @@ impl DataClient {
                 "storage node {addr} recently unreachable"
             )));
         }
-        match Conn::open(&self.endpoint, addr).await {
+        match Conn::open(&self.endpoint, addr, self.speaker.clone()).await {
             Ok(c) => {
                 let c = Arc::new(c);
                 slot.conn = Some(c.clone());
@@ -264,6 +316,12 @@ impl DataClient {
                 Err(e)
             }
         }
+    }
+
+    /// Speak for compute process `node` at `generation` from now on: every connection says
+    /// so in a `Hello` before its next request.
+    pub fn set_identity(&self, node: warren_common::NodeId, generation: u64) {
+        self.speaker.set(node, generation);
     }
 
     /// One request to `addr`, waiting for the answer.

@@ -10,6 +10,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use warren_proto::internal::data::{self, ErrorCode, Request, Response};
 
+use super::membership::ComputeGate;
 use super::store::{Mutation, Store};
 use warren_common::NodeId;
 
@@ -20,9 +21,15 @@ const MAX_READ_ENTRIES: u32 = 4096;
 const MAX_READ_BYTES: u32 = 16 * 1024 * 1024;
 
 /// Accept connections until the endpoint is closed.
-pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, node: NodeId) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    store: Arc<Store>,
+    node: NodeId,
+    gate: Arc<ComputeGate>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let store = store.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -35,7 +42,7 @@ pub async fn serve(endpoint: quinn::Endpoint, store: Arc<Store>, node: NodeId) {
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        tokio::spawn(serve_stream(send, recv, store.clone(), node));
+                        tokio::spawn(serve_stream(send, recv, store.clone(), node, gate.clone()));
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "data-plane connection closed");
@@ -52,6 +59,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     store: Arc<Store>,
     node: NodeId,
+    gate: Arc<ComputeGate>,
 ) {
     let (tx, mut rx) = mpsc::channel::<(u64, Response)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
@@ -71,6 +79,9 @@ async fn serve_stream(
         let _ = send.finish();
     });
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // The compute process this stream speaks for, once it said Hello. Streams without one
+    // (tools, tests of storage alone) are not checked against the compute registry.
+    let mut hello: Option<(NodeId, u64)> = None;
     'read: loop {
         loop {
             let (id, req) = match data::decode_request(&mut buf) {
@@ -85,6 +96,27 @@ async fn serve_stream(
             let Ok(permit) = tx.clone().reserve_owned().await else {
                 break 'read;
             };
+            if let Request::Hello { node, generation } = req {
+                hello = Some((NodeId(uuid::Uuid::from_bytes(node)), generation));
+                permit.send((id, Response::Ok));
+                continue;
+            }
+            if let Some((compute, generation)) = hello
+                && is_write(&req)
+                && gate.refuses(compute, generation)
+            {
+                tracing::debug!(%compute, generation, "refused a write from an evicted compute generation");
+                permit.send((
+                    id,
+                    Response::Error {
+                        code: ErrorCode::Evicted,
+                        message: format!(
+                            "compute node {compute} generation {generation} was evicted"
+                        ),
+                    },
+                ));
+                continue;
+            }
             dispatch(id, req, permit, &store, node).await;
         }
         match recv.read_buf(&mut buf).await {
@@ -97,6 +129,16 @@ async fn serve_stream(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+fn is_write(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Append { .. }
+            | Request::Fence { .. }
+            | Request::Seal { .. }
+            | Request::Delete { .. }
+    )
 }
 
 async fn dispatch(
@@ -146,6 +188,11 @@ async fn dispatch(
                 });
                 permit.send((id, resp));
             });
+            return;
+        }
+        Request::Hello { .. } => {
+            // Handled by the stream, which owns the connection's identity.
+            permit.send((id, Response::Ok));
             return;
         }
         Request::Identify => {

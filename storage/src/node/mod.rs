@@ -4,6 +4,7 @@
 
 pub mod data_server;
 pub mod journal;
+pub mod membership;
 pub mod registers;
 pub mod store;
 
@@ -114,7 +115,17 @@ async fn serve(
 ) -> Result<(), StorageError> {
     tracing::info!(%data_addr, %control_addr, zone = %config.zone, "storage node listening");
 
-    let data_task = tokio::spawn(data_server::serve(endpoint.clone(), store.clone(), node_id));
+    let gate = Arc::new(membership::ComputeGate::default());
+    let data_task = tokio::spawn(data_server::serve(
+        endpoint.clone(),
+        store.clone(),
+        node_id,
+        gate.clone(),
+    ));
+    let gate_task = tokio::spawn(
+        membership::watch_compute_registry(gate, Registers::connect(&config.seeds, &config.tls)?)
+            .in_current_span(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let catch_up_task = tokio::spawn(
         catch_up(
@@ -147,12 +158,14 @@ async fn serve(
         heartbeat: 0,
     };
     let register_task = tokio::spawn(
-        register_self(config.seeds.clone(), config.tls.clone(), node_id, record).in_current_span(),
+        membership::keep_lease(config.seeds.clone(), config.tls.clone(), node_id, record)
+            .in_current_span(),
     );
 
     shutdown.await;
     tracing::info!("storage node shutting down");
     register_task.abort();
+    gate_task.abort();
     catch_up_task.abort();
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = stop_tx.send(());
@@ -170,54 +183,6 @@ async fn serve(
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     endpoint.wait_idle().await;
     Ok(())
-}
-
-/// Publish this node in the registry with a fresh generation, retrying until a majority of
-/// seeds answers (at cluster start the other seeds may not be up yet).
-async fn register_self(
-    seeds: Vec<SocketAddr>,
-    tls: warren_common::config::TlsPaths,
-    node_id: NodeId,
-    record: NodeRecord,
-) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let result = async {
-            let regs = Registers::connect(&seeds, &tls)?;
-            regs.update(NODES_KEY, |cur| {
-                let mut reg: NodeRegistry = match cur {
-                    Some(b) => meta::decode(b)?,
-                    None => NodeRegistry::default(),
-                };
-                let generation = reg
-                    .nodes
-                    .get(&node_id)
-                    .map_or(Generation(1), |r| Generation(r.generation.0 + 1));
-                reg.nodes.insert(
-                    node_id,
-                    NodeRecord {
-                        generation,
-                        state: meta::MemberState::Active,
-                        ..record.clone()
-                    },
-                );
-                Ok::<_, StorageError>(Some(meta::encode(&reg)))
-            })
-            .await
-        }
-        .await;
-        match result {
-            Ok(Ok(_)) => {
-                tracing::info!("registered in the node registry");
-                return;
-            }
-            Ok(Err(e)) | Err(e) => {
-                tracing::debug!(error = %e, "node registration not possible yet; retrying");
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
 }
 
 /// Bring a new acceptor's state up to date before it serves (see
