@@ -3,6 +3,7 @@
 //! simulation in `tests/sim.rs` can drive them through any interleaving of faults.
 
 pub mod caspaxos;
+pub mod ownership;
 pub mod placement;
 pub mod quorum;
 pub mod recovery;
