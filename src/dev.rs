@@ -13,18 +13,44 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdin, Command};
+use warren_common::config::Replication;
 
 /// Certificate name of the supervisor itself.
 const SUPERVISOR_NAME: &str = "dev-supervisor";
 
-/// Number of storage nodes (and zones) `warren dev` starts.
-const STORAGE_NODES: usize = 3;
-
 /// How long a child gets to stop gracefully before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// How long the supervisor waits for the compute node to accept AMQP connections.
+/// How long the supervisor waits for the compute nodes to accept AMQP connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Zone names go zone-a .. zone-z.
+const MAX_ZONES: usize = 26;
+
+/// The replication profile of the queue logs compute nodes write.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicationProfile {
+    /// Three copies in distinct zones, two must ack.
+    Default,
+    /// Six copies, two per zone, four must ack: survives a zone plus one more node.
+    Strict,
+}
+
+impl ReplicationProfile {
+    fn name(self) -> &'static str {
+        match self {
+            ReplicationProfile::Default => "default",
+            ReplicationProfile::Strict => "strict",
+        }
+    }
+
+    fn replication(self) -> Replication {
+        match self {
+            ReplicationProfile::Default => Replication::default(),
+            ReplicationProfile::Strict => Replication::strict(),
+        }
+    }
+}
 
 /// Options of `warren dev`.
 #[derive(clap::Args, Debug)]
@@ -32,12 +58,89 @@ pub struct DevArgs {
     /// Where all cluster data lives; reused on restart.
     #[arg(long, default_value = "./warren-data")]
     pub data_dir: PathBuf,
-    /// AMQP port of the compute node.
+    /// AMQP port of compute-0; compute-i listens on this port + i.
     #[arg(long, default_value_t = 5672)]
     pub amqp_port: u16,
     /// Management HTTP port of the compute node.
     #[arg(long, default_value_t = 15672)]
     pub http_port: u16,
+    /// Number of compute nodes (compute-i runs in zone i mod --zones).
+    #[arg(long, default_value_t = 1)]
+    pub compute: usize,
+    /// Number of zones (zone-a, zone-b, ...).
+    #[arg(long, default_value_t = 3)]
+    pub zones: usize,
+    /// Storage nodes per zone (storage-i runs in zone i mod --zones).
+    #[arg(long, default_value_t = 1)]
+    pub storage_per_zone: usize,
+    /// Replication profile of queue logs.
+    #[arg(long, value_enum, default_value_t = ReplicationProfile::Default)]
+    pub replication: ReplicationProfile,
+    /// Override one key of every compute node's config, e.g. `cluster.lease_ms=2000`
+    /// (the value is TOML; repeatable).
+    #[arg(long = "compute-config", value_name = "KEY=VALUE")]
+    pub compute_config: Vec<String>,
+}
+
+impl DevArgs {
+    /// Refuse cluster shapes that cannot place a full ensemble, naming the flag.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.compute == 0 {
+            anyhow::bail!("--compute must be at least 1");
+        }
+        if self.zones == 0 || self.zones > MAX_ZONES {
+            anyhow::bail!("--zones must be between 1 and {MAX_ZONES}");
+        }
+        if self.storage_per_zone == 0 {
+            anyhow::bail!("--storage-per-zone must be at least 1");
+        }
+        let replication = self.replication.replication();
+        let storage = self.zones * self.storage_per_zone;
+        if storage < replication.write_quorum {
+            anyhow::bail!(
+                "--replication {} writes {} copies but --zones {} x --storage-per-zone {} \
+                 gives only {storage} storage nodes",
+                self.replication.name(),
+                replication.write_quorum,
+                self.zones,
+                self.storage_per_zone
+            );
+        }
+        // The profile promises at most `per_zone` copies in any one zone, so that losing a
+        // zone leaves the ack quorum.
+        let placeable = self.zones * self.storage_per_zone.min(replication.per_zone);
+        if placeable < replication.write_quorum {
+            anyhow::bail!(
+                "--replication {} places {} copies with at most {} per zone, which needs \
+                 --zones x min(--storage-per-zone, {}) >= {} (e.g. --zones 3 \
+                 --storage-per-zone {})",
+                self.replication.name(),
+                replication.write_quorum,
+                replication.per_zone,
+                replication.per_zone,
+                replication.write_quorum,
+                replication.per_zone
+            );
+        }
+        let last = usize::from(self.amqp_port) + self.compute - 1;
+        if last > usize::from(u16::MAX) {
+            anyhow::bail!(
+                "--amqp-port {} + --compute {} runs past port 65535",
+                self.amqp_port,
+                self.compute
+            );
+        }
+        Ok(())
+    }
+
+    /// The AMQP port of compute node `i`.
+    fn amqp_port_of(&self, i: usize) -> anyhow::Result<u16> {
+        u16::try_from(usize::from(self.amqp_port) + i).context("AMQP port out of range")
+    }
+}
+
+fn zone_name(i: usize) -> String {
+    format!("zone-{}", char::from(b'a' + (i % MAX_ZONES) as u8))
 }
 
 /// The files and addresses of one local cluster, derived from the data directory.
@@ -70,8 +173,53 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Pick a free loopback UDP port (QUIC listeners bind UDP, which a TCP probe says nothing
+/// about).
+fn free_udp_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+    Ok(socket.local_addr()?.port())
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Apply `KEY=VALUE` overrides (dotted keys, TOML values) to a serialized config and read it
+/// back, so an unknown key or a bad value is refused by the config's own rules.
+fn apply_overrides<T>(config: &T, overrides: &[String]) -> anyhow::Result<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    if overrides.is_empty() {
+        return toml::from_str(&toml::to_string(config)?).context("re-reading a node config");
+    }
+    let mut table: toml::Table =
+        toml::from_str(&toml::to_string(config)?).context("re-reading a node config")?;
+    for item in overrides {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("--compute-config {item}: expected KEY=VALUE"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            // A bare word is taken as a string, so `zone=zone-x` needs no quotes.
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut parts: Vec<&str> = key.trim().split('.').collect();
+        let last = parts
+            .pop()
+            .filter(|k| !k.is_empty())
+            .with_context(|| format!("--compute-config {item}: empty key"))?;
+        let mut at = &mut table;
+        for part in parts {
+            at = at
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("--compute-config {item}: {part} is not a table"))?;
+        }
+        at.insert(last.to_string(), value);
+    }
+    toml::from_str(&toml::to_string(&table)?).context("applying --compute-config")
 }
 
 /// A running child node.
@@ -85,6 +233,7 @@ struct Node {
 
 /// Run the local cluster until SIGINT or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    args.validate()?;
     let layout = Layout {
         root: args.data_dir.clone(),
     };
@@ -98,16 +247,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating directory {}", dir.display()))?;
     }
-    let storage_names: Vec<String> = (0..STORAGE_NODES).map(|i| format!("storage-{i}")).collect();
-    let compute_name = "compute-0".to_string();
+    let storage_count = args.zones * args.storage_per_zone;
+    let storage_names: Vec<String> = (0..storage_count).map(|i| format!("storage-{i}")).collect();
+    let compute_names: Vec<String> = (0..args.compute).map(|i| format!("compute-{i}")).collect();
+    let amqp_addrs: Vec<SocketAddr> = (0..args.compute)
+        .map(|i| args.amqp_port_of(i).map(loopback))
+        .collect::<anyhow::Result<_>>()?;
+    for (name, addr) in compute_names.iter().zip(&amqp_addrs) {
+        // Fail here, by name, rather than with a child that dies on a taken port.
+        TcpListener::bind(addr)
+            .with_context(|| format!("AMQP port {} for {name} is not free", addr.port()))?;
+    }
     let mut all_names: Vec<&str> = storage_names.iter().map(String::as_str).collect();
-    all_names.push(&compute_name);
+    all_names.extend(compute_names.iter().map(String::as_str));
     // The supervisor's own identity, to read the node registry while starting up.
     all_names.push(SUPERVISOR_NAME);
     let tls = warren_common::tls::create_dev_cluster_tls(&layout.tls_dir(), &all_names)
         .context("creating the cluster CA and node certificates")?;
 
-    let grpc_addrs: Vec<SocketAddr> = (0..STORAGE_NODES)
+    let grpc_addrs: Vec<SocketAddr> = (0..storage_count)
         .map(|_| free_port().map(loopback))
         .collect::<anyhow::Result<_>>()?;
     let mut configs = Vec::new();
@@ -115,7 +273,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     for (i, name) in storage_names.iter().enumerate() {
         let config = warren_storage::config::StorageNodeConfig {
             name: name.clone(),
-            zone: warren_common::Zone(format!("zone-{}", (b'a' + i as u8) as char)),
+            zone: warren_common::Zone(zone_name(i % args.zones)),
             data_dir: layout.node_dir(name),
             data_addr: loopback(free_port()?),
             control_addr: grpc_addrs[i],
@@ -130,15 +288,29 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         storage_data_addrs.push((name.clone(), config.data_addr));
         configs.push((name.clone(), "storage", path));
     }
-    let amqp_addr = loopback(args.amqp_port);
-    let mut compute = warren_compute::config::ComputeConfig::new(tls[STORAGE_NODES].clone());
-    compute.node_name = compute_name.clone();
-    compute.zone = "zone-a".into();
-    compute.amqp_listen = amqp_addr;
-    compute.storage_seeds = grpc_addrs.clone();
-    let compute_path = layout.config_dir().join(format!("{compute_name}.toml"));
-    write_toml(&compute_path, &compute)?;
-    configs.push((compute_name.clone(), "compute", compute_path));
+    for (i, name) in compute_names.iter().enumerate() {
+        let mut compute =
+            warren_compute::config::ComputeConfig::new(tls[storage_count + i].clone());
+        compute.node_name = name.clone();
+        compute.zone = zone_name(i % args.zones);
+        compute.amqp_listen = amqp_addrs[i];
+        compute.peer_listen = loopback(free_udp_port()?);
+        compute.storage_seeds = grpc_addrs.clone();
+        compute.replication = args.replication.replication();
+        let compute = apply_overrides(&compute, &args.compute_config)?;
+        compute
+            .validate()
+            .with_context(|| format!("the config of {name}"))?;
+        let path = layout.config_dir().join(format!("{name}.toml"));
+        write_toml(&path, &compute)?;
+        configs.push((name.clone(), "compute", path));
+    }
+    // Remove pid files of nodes an earlier, larger run had, so no one signals a stale pid.
+    if let Ok(entries) = std::fs::read_dir(layout.run_dir()) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 
     let exe = std::env::current_exe().context("locating the warren binary")?;
     let mut nodes = Vec::new();
@@ -156,10 +328,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ready = async {
             let registers = warren_storage::client::Registers::connect(
                 &grpc_addrs,
-                &tls[STORAGE_NODES + 1],
+                &tls[storage_count + args.compute],
             )?;
             wait_until_registered(&registers, &storage_data_addrs, &mut nodes).await?;
-            wait_until_accepting(amqp_addr, &mut nodes).await
+            for addr in &amqp_addrs {
+                wait_until_accepting(*addr, &mut nodes).await?;
+            }
+            anyhow::Ok(())
         } => ready,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted before the cluster was ready")),
     };
@@ -170,13 +345,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     #[allow(clippy::print_stdout)]
     {
         // `%2f` names the default vhost `/` explicitly: by the AMQP URI spec a bare trailing
-        // slash would name the vhost "".
-        println!("amqp://guest:guest@{amqp_addr}/%2f");
+        // slash would name the vhost "". compute-0 comes first: tools read the first line.
+        for addr in &amqp_addrs {
+            println!("amqp://guest:guest@{addr}/%2f");
+        }
     }
-    tracing::info!(data_dir = %layout.root.display(), "warren dev cluster ready");
+    tracing::info!(
+        data_dir = %layout.root.display(),
+        compute = args.compute,
+        storage = storage_count,
+        zones = args.zones,
+        "warren dev cluster ready"
+    );
 
     // A node that exits (crash, or killed by an operator or a fault test) stays down: the
-    // rest of the cluster goes on without it, as a real cluster would.
+    // rest of the cluster goes on without it, as a real cluster would. Restarting a node
+    // (`warren storage|compute --config <data-dir>/config/<name>.toml`) is up to whoever
+    // stopped it.
     let mut running: Vec<usize> = (0..nodes.len()).collect();
     loop {
         tokio::select! {

@@ -16,8 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a complete local cluster in the foreground: three storage nodes in three zones and
-    /// one compute node on loopback, data under --data-dir.
+    /// Run a complete local cluster in the foreground: by default three storage nodes in three
+    /// zones and one compute node on loopback (see --compute, --zones, --storage-per-zone),
+    /// data under --data-dir.
     Dev(dev::DevArgs),
     /// Run one storage node from a config file.
     Storage(RoleArgs),

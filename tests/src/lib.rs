@@ -8,12 +8,13 @@
 pub mod raw;
 
 use anyhow::{Context, bail};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// The environment variable that points client tests at an already running broker.
@@ -29,10 +30,31 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// script waits 15 s itself).
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
+/// How long a node restarted by the harness gets to listen again.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Pick a free loopback port (released before use: a small race tests accept).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The first of `n` consecutive free loopback ports (released before use).
+pub fn free_port_range(n: usize) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let first = free_port()?;
+        if usize::from(first) + n > usize::from(u16::MAX) {
+            continue;
+        }
+        let all_free = (1..n).all(|i| {
+            let port = first + i as u16;
+            TcpListener::bind(("127.0.0.1", port)).is_ok()
+        });
+        if all_free {
+            return Ok(first);
+        }
+    }
+    bail!("found no {n} consecutive free ports")
 }
 
 /// The `warren` binary under test: `$WARREN_BIN`, or `target/debug/warren` of this workspace.
@@ -117,40 +139,161 @@ fn alive(pid: u32, group: bool) -> bool {
     send_signal(pid, "0", group).is_ok()
 }
 
+/// The shape of a `warren dev` cluster ([`WarrenDev::start_cluster`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterOpts {
+    /// Compute nodes (compute-i runs in zone i mod `zones`).
+    pub compute: usize,
+    /// Zones (zone-a, zone-b, ...).
+    pub zones: usize,
+    /// Storage nodes per zone.
+    pub storage_per_zone: usize,
+    /// The strict replication profile (six copies, two per zone, ack four).
+    pub strict: bool,
+    /// Overrides of every compute node's config: (dotted key, TOML value), e.g.
+    /// `("cluster.lease_ms", "2000")`.
+    pub compute_config: Vec<(String, String)>,
+}
+
+impl Default for ClusterOpts {
+    /// What `warren dev` runs without flags: one compute node, three zones, one storage node
+    /// per zone.
+    fn default() -> Self {
+        ClusterOpts {
+            compute: 1,
+            zones: 3,
+            storage_per_zone: 1,
+            strict: false,
+            compute_config: Vec::new(),
+        }
+    }
+}
+
+impl ClusterOpts {
+    /// `compute` compute nodes over `zones` zones, one storage node per zone.
+    pub fn new(compute: usize, zones: usize) -> Self {
+        ClusterOpts {
+            compute,
+            zones,
+            ..ClusterOpts::default()
+        }
+    }
+
+    /// Add one compute config override (dotted key, TOML value).
+    pub fn compute_config(mut self, key: &str, value: &str) -> Self {
+        self.compute_config
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Compute membership lease timing, in milliseconds.
+    pub fn lease(self, renew_ms: u64, lease_ms: u64) -> Self {
+        self.compute_config("cluster.renew_ms", &renew_ms.to_string())
+            .compute_config("cluster.lease_ms", &lease_ms.to_string())
+    }
+
+    fn storage_count(&self) -> usize {
+        self.zones * self.storage_per_zone
+    }
+}
+
+/// The role of a cluster node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A storage node (`warren storage`).
+    Storage,
+    /// A compute node (`warren compute`, the AMQP server).
+    Compute,
+}
+
+impl Role {
+    fn subcommand(self) -> &'static str {
+        match self {
+            Role::Storage => "storage",
+            Role::Compute => "compute",
+        }
+    }
+}
+
+/// What a node's config file says about it.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// Its name, e.g. `storage-1`.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Its zone, e.g. `zone-b`.
+    pub zone: String,
+    /// Its config file (what a restart runs it from).
+    pub config: PathBuf,
+    /// Storage: its data directory (its identity lives there).
+    pub data_dir: Option<PathBuf>,
+    /// The TCP address that accepts once it serves: AMQP for compute, gRPC for storage.
+    pub listen: SocketAddr,
+}
+
+/// A node process the harness itself started ([`WarrenDev::restart_node`]).
+struct OwnedNode {
+    child: Child,
+    /// Closing it asks the node to stop (`--exit-on-stdin-close`).
+    stdin: Option<ChildStdin>,
+}
+
 /// A `warren dev` cluster (supervisor plus storage and compute children) in its own process
-/// group, with all data in a private temporary directory.
+/// group, with all data in a private temporary directory. Nodes restarted by the harness
+/// join that process group, so everything the cluster ran is stopped with it.
 pub struct WarrenDev {
     root: tempfile::TempDir,
+    opts: ClusterOpts,
     child: Option<Child>,
-    amqp_url: String,
+    amqp_urls: Vec<String>,
     amqp_port: u16,
     http_port: u16,
+    owned: Mutex<BTreeMap<String, OwnedNode>>,
 }
 
 impl WarrenDev {
     /// Start a fresh cluster on free ports and wait until it prints its AMQP URL.
     pub fn start() -> anyhow::Result<WarrenDev> {
+        WarrenDev::start_cluster(ClusterOpts::default())
+    }
+
+    /// Start a fresh cluster of the given shape on free ports and wait until every compute
+    /// node accepts connections and every storage node registered.
+    pub fn start_cluster(opts: ClusterOpts) -> anyhow::Result<WarrenDev> {
         let root = tempfile::Builder::new()
             .prefix("warren-test-")
             .tempdir()
             .context("creating a temporary directory")?;
         let mut dev = WarrenDev {
             root,
+            opts,
             child: None,
-            amqp_url: String::new(),
+            amqp_urls: Vec::new(),
             amqp_port: 0,
             http_port: 0,
+            owned: Mutex::new(BTreeMap::new()),
         };
         dev.spawn()?;
         Ok(dev)
     }
 
-    /// The URL clients connect to.
+    /// The URL clients connect to (compute-0's).
     pub fn amqp_url(&self) -> &str {
-        &self.amqp_url
+        self.amqp_urls.first().map(String::as_str).unwrap_or("")
     }
 
-    /// The AMQP port of the compute node.
+    /// One URL per compute node, compute-0 first.
+    pub fn amqp_urls(&self) -> &[String] {
+        &self.amqp_urls
+    }
+
+    /// The shape this cluster was started with.
+    pub fn opts(&self) -> &ClusterOpts {
+        &self.opts
+    }
+
+    /// The AMQP port of compute-0 (compute-i listens on this port + i).
     pub fn amqp_port(&self) -> u16 {
         self.amqp_port
     }
@@ -172,7 +315,13 @@ impl WarrenDev {
 
     /// The pid that `warren dev` recorded for a child, e.g. `pid("storage", 1)`.
     pub fn pid(&self, role: &str, n: usize) -> anyhow::Result<u32> {
-        let path = self.data_dir().join("run").join(format!("{role}-{n}.pid"));
+        self.pid_of(&format!("{role}-{n}"))
+    }
+
+    /// The pid last recorded for a node (by `warren dev` or by [`WarrenDev::restart_node`]),
+    /// e.g. `pid_of("compute-2")`. The process may have exited since.
+    pub fn pid_of(&self, name: &str) -> anyhow::Result<u32> {
+        let path = self.data_dir().join("run").join(format!("{name}.pid"));
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         text.trim()
@@ -180,44 +329,289 @@ impl WarrenDev {
             .with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// The pid of a running child of this cluster (never a recycled pid of another process).
-    fn live_child(&self, role: &str, n: usize) -> anyhow::Result<u32> {
-        let pid = self.pid(role, n)?;
-        let supervisor = self.process_group().context("the cluster is not running")?;
-        if !is_child_of(pid, supervisor) {
-            bail!("{role}-{n} (pid {pid}) is not running under this cluster");
+    /// Every node name of this cluster: storage-0.. then compute-0...
+    pub fn node_names(&self) -> Vec<String> {
+        let mut names = self.storage_names();
+        names.extend(self.compute_names());
+        names
+    }
+
+    /// storage-0..M-1.
+    pub fn storage_names(&self) -> Vec<String> {
+        (0..self.opts.storage_count())
+            .map(|i| format!("storage-{i}"))
+            .collect()
+    }
+
+    /// compute-0..N-1.
+    pub fn compute_names(&self) -> Vec<String> {
+        (0..self.opts.compute)
+            .map(|i| format!("compute-{i}"))
+            .collect()
+    }
+
+    /// The zone names of this cluster: zone-a, zone-b, ...
+    pub fn zone_names(&self) -> Vec<String> {
+        (0..self.opts.zones)
+            .map(|i| format!("zone-{}", char::from(b'a' + (i % 26) as u8)))
+            .collect()
+    }
+
+    /// What a node's config file says about it.
+    pub fn node_info(&self, name: &str) -> anyhow::Result<NodeInfo> {
+        let config = self.data_dir().join("config").join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&config)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+        let string = |key: &str| -> anyhow::Result<String> {
+            table
+                .get(key)
+                .and_then(toml::Value::as_str)
+                .map(str::to_string)
+                .with_context(|| format!("{} has no string `{key}`", config.display()))
+        };
+        let role = if name.starts_with("storage-") {
+            Role::Storage
+        } else if name.starts_with("compute-") {
+            Role::Compute
+        } else {
+            bail!("{name} is no node of this cluster");
+        };
+        let (listen, data_dir) = match role {
+            Role::Storage => (
+                string("control_addr")?,
+                Some(PathBuf::from(string("data_dir")?)),
+            ),
+            Role::Compute => (string("amqp_listen")?, None),
+        };
+        Ok(NodeInfo {
+            name: name.to_string(),
+            role,
+            zone: string("zone")?,
+            config,
+            data_dir,
+            listen: listen
+                .parse()
+                .with_context(|| format!("bad listen address {listen} of {name}"))?,
+        })
+    }
+
+    /// The zone a node runs in, e.g. `zone_of("compute-1") == "zone-b"`.
+    pub fn zone_of(&self, name: &str) -> anyhow::Result<String> {
+        Ok(self.node_info(name)?.zone)
+    }
+
+    /// The AMQP URL of a compute node.
+    pub fn url_of(&self, name: &str) -> anyhow::Result<String> {
+        let i: usize = name
+            .strip_prefix("compute-")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("{name} is not a compute node"))?;
+        self.amqp_urls
+            .get(i)
+            .cloned()
+            .with_context(|| format!("{name} is not a compute node of this cluster"))
+    }
+
+    /// True while the node runs (and has not been paused into a zombie; a paused node counts
+    /// as running).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.live_pid(name).is_ok()
+    }
+
+    /// The pid of a running node of this cluster (never a recycled pid of another process).
+    fn live_pid(&self, name: &str) -> anyhow::Result<u32> {
+        let pid = self.pid_of(name)?;
+        let group = self.process_group().context("the cluster is not running")?;
+        if !is_child_of(pid, group) || !alive(pid, false) {
+            bail!("{name} (pid {pid}) is not running under this cluster");
         }
         Ok(pid)
     }
 
     /// SIGKILL storage node `n` (the rest of the cluster keeps running).
     pub fn kill_storage(&self, n: usize) -> anyhow::Result<()> {
-        let pid = self.live_child("storage", n)?;
+        self.kill(&format!("storage-{n}"))
+    }
+
+    /// SIGKILL one node (the rest of the cluster keeps running) and wait until it is gone.
+    pub fn kill(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.live_pid(name)?;
         send_signal(pid, "KILL", false)?;
-        wait_gone(pid, false, Duration::from_secs(10));
+        self.reap(name, pid);
         Ok(())
     }
 
-    /// SIGSTOP a child, e.g. `pause("storage", 0)`: it keeps its sockets but answers nothing.
-    pub fn pause(&self, role: &str, n: usize) -> anyhow::Result<()> {
-        send_signal(self.live_child(role, n)?, "STOP", false)
+    /// Wait until `pid` is gone, reaping it if the harness started it.
+    fn reap(&self, name: &str, pid: u32) {
+        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(node) = owned.get_mut(name)
+            && node.child.id() == pid
+        {
+            let _ = node.child.wait();
+            owned.remove(name);
+            return;
+        }
+        drop(owned);
+        wait_gone(pid, false, Duration::from_secs(10));
     }
 
-    /// SIGCONT a child paused with [`WarrenDev::pause`].
-    pub fn resume(&self, role: &str, n: usize) -> anyhow::Result<()> {
-        send_signal(self.live_child(role, n)?, "CONT", false)
+    /// Stop one node gracefully (it leaves as on an operator's stop) and wait until it is
+    /// gone; SIGKILL after a grace period.
+    pub fn stop_node(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.live_pid(name)?;
+        let owned_stdin = {
+            let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+            owned
+                .get_mut(name)
+                .filter(|n| n.child.id() == pid)
+                .map(|n| n.stdin.take())
+        };
+        match owned_stdin {
+            Some(stdin) => drop(stdin),
+            None => send_signal(pid, "TERM", false)?,
+        }
+        wait_gone(pid, false, STOP_GRACE);
+        if alive(pid, false) {
+            let _ = send_signal(pid, "KILL", false);
+        }
+        self.reap(name, pid);
+        Ok(())
+    }
+
+    /// SIGKILL every node of a zone (storage and compute); returns the names killed.
+    pub fn kill_zone(&self, zone: &str) -> anyhow::Result<Vec<String>> {
+        let mut killed = Vec::new();
+        for name in self.node_names() {
+            if self.zone_of(&name)? == zone && self.is_running(&name) {
+                let pid = self.live_pid(&name)?;
+                send_signal(pid, "KILL", false)?;
+                killed.push((name, pid));
+            }
+        }
+        for (name, pid) in &killed {
+            self.reap(name, *pid);
+        }
+        Ok(killed.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// SIGSTOP a node, e.g. `pause("compute-1")`: it keeps its sockets but answers nothing.
+    pub fn pause(&self, name: &str) -> anyhow::Result<()> {
+        send_signal(self.live_pid(name)?, "STOP", false)
+    }
+
+    /// SIGCONT a node paused with [`WarrenDev::pause`].
+    pub fn resume(&self, name: &str) -> anyhow::Result<()> {
+        send_signal(self.live_pid(name)?, "CONT", false)
+    }
+
+    /// Start a node that is down again from its config file, as a child of this process in
+    /// the cluster's process group, and wait until it listens (compute: AMQP; storage: gRPC).
+    /// A storage node keeps its data directory, so it comes back as the same identity.
+    pub fn restart_node(&self, name: &str) -> anyhow::Result<()> {
+        if self.is_running(name) {
+            bail!("{name} is still running; kill or stop it first");
+        }
+        let info = self.node_info(name)?;
+        let group = self.process_group().context("the cluster is not running")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening the cluster log")?;
+        let bin = warren_bin()?;
+        let mut child = Command::new(&bin)
+            .arg(info.role.subcommand())
+            .arg("--config")
+            .arg(&info.config)
+            .arg("--exit-on-stdin-close")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // The cluster's group: a whole-cluster kill or stop takes this node too.
+            .process_group(group as i32)
+            .spawn()
+            .with_context(|| format!("restarting {name}"))?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let pid_file = self.data_dir().join("run").join(format!("{name}.pid"));
+        std::fs::write(&pid_file, format!("{pid}\n"))
+            .with_context(|| format!("writing {}", pid_file.display()))?;
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), OwnedNode { child, stdin });
+
+        let deadline = Instant::now() + NODE_READY_TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&info.listen, Duration::from_secs(1)).is_ok() {
+                return Ok(());
+            }
+            let exited = {
+                let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+                match owned.get_mut(name) {
+                    Some(node) => node.child.try_wait()?,
+                    None => bail!("{name} was stopped while restarting"),
+                }
+            };
+            if let Some(status) = exited {
+                bail!(
+                    "{name} exited while restarting ({status}); log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} did not listen on {} within {NODE_READY_TIMEOUT:?}",
+                    info.listen
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Delete a stopped storage node's data directory and start it again: it rejoins as a
+    /// new identity, as a replaced disk would.
+    pub fn wipe_and_restart(&self, name: &str) -> anyhow::Result<()> {
+        if self.is_running(name) {
+            bail!("{name} is still running; kill or stop it first");
+        }
+        let info = self.node_info(name)?;
+        let data_dir = info
+            .data_dir
+            .with_context(|| format!("{name} is not a storage node"))?;
+        match std::fs::remove_dir_all(&data_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("wiping {}", data_dir.display())),
+        }
+        self.restart_node(name)
+    }
+
+    /// Stop the nodes the harness started (gracefully, then SIGKILL) and reap them.
+    fn stop_owned(&self, grace: Duration) {
+        let mut owned = std::mem::take(&mut *self.owned.lock().unwrap_or_else(|e| e.into_inner()));
+        for node in owned.values_mut() {
+            drop(node.stdin.take());
+        }
+        let deadline = Instant::now() + grace;
+        for node in owned.values_mut() {
+            while Instant::now() < deadline && matches!(node.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
     }
 
     /// SIGKILL the supervisor and every child at once, as a power cut would.
     pub fn kill_all_sigkill(&mut self) -> anyhow::Result<()> {
-        let mut pids = Vec::new();
-        for (role, count) in [("storage", 3), ("compute", 1)] {
-            for n in 0..count {
-                if let Ok(pid) = self.pid(role, n) {
-                    pids.push(pid);
-                }
-            }
-        }
+        let pids: Vec<u32> = self
+            .node_names()
+            .iter()
+            .filter_map(|name| self.pid_of(name).ok())
+            .collect();
         if let Some(child) = self.child.as_mut() {
             let pgid = child.id();
             let _ = send_signal(pgid, "KILL", true);
@@ -232,6 +626,7 @@ impl WarrenDev {
             wait_gone(pgid, true, Duration::from_secs(10));
         }
         self.child = None;
+        self.stop_owned(Duration::ZERO);
         for pid in pids {
             wait_gone(pid, false, Duration::from_secs(10));
         }
@@ -241,6 +636,7 @@ impl WarrenDev {
     /// Stop the cluster gracefully (the guard sends SIGTERM to `warren dev` when its stdin
     /// closes), killing whatever is left after a grace period.
     pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.stop_owned(STOP_GRACE);
         if let Some(mut child) = self.child.take() {
             let pgid = child.id();
             drop(child.stdin.take());
@@ -285,9 +681,39 @@ impl WarrenDev {
         self.root.path().join("warren-dev.log")
     }
 
+    /// The `warren dev` flags for this cluster's shape (none for the default shape, so that
+    /// [`WarrenDev::start`] runs `warren dev` exactly as a user would).
+    fn cluster_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let default = ClusterOpts::default();
+        if self.opts == default {
+            return args;
+        }
+        args.extend([
+            "--compute".to_string(),
+            self.opts.compute.to_string(),
+            "--zones".to_string(),
+            self.opts.zones.to_string(),
+            "--storage-per-zone".to_string(),
+            self.opts.storage_per_zone.to_string(),
+            "--replication".to_string(),
+            if self.opts.strict {
+                "strict"
+            } else {
+                "default"
+            }
+            .to_string(),
+        ]);
+        for (key, value) in &self.opts.compute_config {
+            args.push("--compute-config".to_string());
+            args.push(format!("{key}={value}"));
+        }
+        args
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = warren_bin()?;
-        self.amqp_port = free_port()?;
+        self.amqp_port = free_port_range(self.opts.compute)?;
         self.http_port = free_port()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -307,6 +733,7 @@ impl WarrenDev {
             .arg(self.amqp_port.to_string())
             .arg("--http-port")
             .arg(self.http_port.to_string())
+            .args(self.cluster_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -327,11 +754,14 @@ impl WarrenDev {
             }
         });
         let deadline = Instant::now() + READY_TIMEOUT;
+        self.amqp_urls.clear();
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(url) => {
-                    self.amqp_url = normalize_url(&url);
-                    return Ok(());
+                    self.amqp_urls.push(normalize_url(&url));
+                    if self.amqp_urls.len() == self.opts.compute {
+                        return Ok(());
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
