@@ -132,6 +132,21 @@ pub struct LogMeta {
     /// The log was deleted; it can never be written again.
     #[serde(default)]
     pub deleted: bool,
+    /// Who is re-replicating this log's sealed segments, if anyone (RFC 0003).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairClaim>,
+}
+
+/// A claim on a log's background repair, taken and released by compare-and-swap on the
+/// descriptor. Judged without comparing clocks: the holder replaces `token` after every
+/// segment it repairs, and another node may take the claim over once it has seen the same
+/// token for a whole claim lease on its own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairClaim {
+    /// The node running the repair.
+    pub by: NodeId,
+    /// Changed at every renewal; a claim whose token stays the same has lapsed.
+    pub token: u64,
 }
 
 impl LogMeta {

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use warren_common::{Epoch, LogId, NodeId, SegmentId};
 use warren_proto::internal::data::{Request, Response};
 
+use super::repair;
 use super::transport::{Conn, ReplyTo};
 use super::{ClientInner, LogEntry, LogPosition};
 use crate::StorageError;
@@ -396,6 +397,18 @@ fn untag(tag: u64) -> (u16, usize, u64) {
 impl Core {
     fn lock(&self) -> MutexGuard<'_, WriterState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take the members and repair marks of sealed segments from a newer descriptor
+    /// (a repair may have moved copies); the open segment is this writer's own.
+    fn merge_sealed(&self, m: &LogMeta) {
+        let mut st = self.lock();
+        for s in st.meta.segments.iter_mut().filter(|s| s.end.is_some()) {
+            if let Some(n) = m.segments.iter().find(|n| n.id == s.id) {
+                s.ensemble.clone_from(&n.ensemble);
+                s.under_replicated = n.under_replicated;
+            }
+        }
     }
 
     fn send(&self, st: &WriterState, s: SendEntry) {
@@ -796,161 +809,39 @@ async fn switch_segment(
 /// How often the owner of a log looks for under-replicated sealed segments.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Bring the log's under-replicated sealed segments back to a full copy on every member,
-/// for as long as this writer holds the log. Only the owner repairs, and clearing the mark
-/// is a CAS conditional on its epoch, so no coordinator is needed.
+/// Keep the log's sealed segments fully replicated for as long as this writer holds the
+/// log: refill members that missed entries, and move copies off members evicted for good
+/// (RFC 0003). The owner is one more repairer: the work is claimed on the descriptor like
+/// any other node's repair.
 async fn repair_loop(core: Weak<Core>) {
     loop {
         tokio::time::sleep(REPAIR_INTERVAL).await;
         let Some(core) = core.upgrade() else { return };
-        let targets: Vec<SegmentMeta> = {
+        let cached = {
             let st = core.lock();
             if st.fenced.is_some() {
                 return;
             }
-            st.meta
-                .segments
-                .iter()
-                .filter(|s| s.under_replicated && s.end.is_some())
-                .cloned()
-                .collect()
+            st.meta.clone()
         };
-        for seg in targets {
-            match repair_segment(&core, &seg).await {
-                Ok(copied) => {
-                    let (log, epoch) = (core.log, core.epoch);
-                    let cleared = core
-                        .client
-                        .registers
-                        .update(&meta::log_key(log), |cur| {
-                            let mut m = decode_meta(cur)?.ok_or_else(|| {
-                                StorageError::Fenced(format!("log {log} was deleted"))
-                            })?;
-                            if m.epoch != epoch || m.deleted {
-                                return Err(StorageError::Fenced(format!(
-                                    "log {log} taken over at {}",
-                                    m.epoch
-                                )));
-                            }
-                            if let Some(s) = m.segments.iter_mut().find(|s| s.id == seg.id) {
-                                s.under_replicated = false;
-                            }
-                            Ok(Some(meta::encode(&m)))
-                        })
-                        .await;
-                    match cleared {
-                        Ok(Ok(written)) => {
-                            if let Ok(Some(m)) = decode_meta(written.as_ref()) {
-                                let mut st = core.lock();
-                                for s in &mut st.meta.segments {
-                                    if let Some(n) = m.segments.iter().find(|n| n.id == s.id) {
-                                        s.under_replicated = n.under_replicated;
-                                    }
-                                }
-                            }
-                            tracing::info!(log = %log, segment = %seg.id, copied, "segment repaired");
-                        }
-                        Ok(Err(StorageError::Fenced(_))) => return,
-                        _ => {}
-                    }
-                }
-                Err(StorageError::Fenced(_)) => return,
-                Err(e) => {
-                    tracing::debug!(log = %core.log, segment = %seg.id, error = %e, "segment repair postponed");
-                }
+        // At most one registry read a second for all the logs of this client.
+        let Ok(registry) = core.client.registry_if_stale().await else {
+            continue;
+        };
+        if !repair::needs_repair(&cached, &registry) {
+            continue;
+        }
+        match repair::repair_log(&core.client, core.log, &registry).await {
+            Ok((report, Some(m))) => {
+                core.merge_sealed(&m);
+                tracing::debug!(log = %core.log, ?report, "owner repair pass");
+            }
+            Ok((_, None)) => {}
+            Err(e) => {
+                tracing::debug!(log = %core.log, error = %e, "segment repair postponed");
             }
         }
     }
-}
-
-/// Copy every entry below the seal that some member lacks from a member that has it.
-/// Returns how many copies were made.
-async fn repair_segment(core: &Arc<Core>, seg: &SegmentMeta) -> Result<usize, StorageError> {
-    let end = seg.end.unwrap_or(0);
-    let client = &core.client;
-    // Which entries each member has.
-    let mut present: Vec<std::collections::HashSet<u64>> = Vec::new();
-    for node in &seg.ensemble {
-        let mut have = std::collections::HashSet::new();
-        let mut from = 0;
-        while from < end {
-            let req = Request::Read {
-                segment: seg.id.0,
-                from,
-                max_entries: 4096,
-                max_bytes: READ_MAX_BYTES,
-            };
-            match client.node_request(*node, req).await? {
-                Response::Entries { entries, .. } => {
-                    let Some(last) = entries.last().map(|e| e.entry) else {
-                        break;
-                    };
-                    have.extend(entries.iter().map(|e| e.entry).filter(|e| *e < end));
-                    from = last + 1;
-                }
-                other => {
-                    return Err(StorageError::Unavailable(format!(
-                        "repair read from {node}: {other:?}"
-                    )));
-                }
-            }
-        }
-        present.push(have);
-    }
-    let mut copied = 0;
-    for (m, node) in seg.ensemble.iter().enumerate() {
-        for entry in (0..end).filter(|e| !present[m].contains(e)) {
-            let Some(source) = (0..seg.ensemble.len()).find(|s| present[*s].contains(&entry))
-            else {
-                return Err(StorageError::Corrupt(format!(
-                    "segment {} entry {entry} is on no member",
-                    seg.id
-                )));
-            };
-            let req = Request::Read {
-                segment: seg.id.0,
-                from: entry,
-                max_entries: 1,
-                max_bytes: READ_MAX_BYTES,
-            };
-            let payload = match client.node_request(seg.ensemble[source], req).await? {
-                Response::Entries { entries, .. } => entries
-                    .into_iter()
-                    .find(|e| e.entry == entry)
-                    .map(|e| e.payload)
-                    .ok_or_else(|| {
-                        StorageError::Unavailable("repair source lost an entry".into())
-                    })?,
-                other => {
-                    return Err(StorageError::Unavailable(format!("repair read: {other:?}")));
-                }
-            };
-            // Our epoch is the newest, so the segment's fence lets it through; entries below
-            // the seal are accepted on a sealed segment.
-            let req = Request::Append {
-                segment: seg.id.0,
-                epoch: core.epoch.0,
-                entry,
-                lac: None,
-                payload,
-            };
-            match client.node_request(*node, req).await? {
-                Response::Ok => copied += 1,
-                Response::Fenced { epoch } => {
-                    return Err(StorageError::Fenced(format!(
-                        "segment {} fenced at {epoch} during repair",
-                        seg.id
-                    )));
-                }
-                other => {
-                    return Err(StorageError::Unavailable(format!(
-                        "repair write: {other:?}"
-                    )));
-                }
-            }
-        }
-    }
-    Ok(copied)
 }
 
 /// Bring a failed ensemble member back: reconnect (re-reading the registry, since a
@@ -969,6 +860,21 @@ async fn reconnect(core: Weak<Core>, generation: u16, member: usize) {
             st.segment.ensemble[member]
         };
         let Ok(conn) = core.client.node_conn(node).await else {
+            // A live node outside the ensemble (one that joined since, or the registry now
+            // shows this member evicted) gets the segment back to full replication at once.
+            // The loop goes on: if the switch cannot happen, the member may still return.
+            let mut st = core.lock();
+            if st.fenced.is_some() || st.generation != generation {
+                return;
+            }
+            let spare = core
+                .client
+                .candidates()
+                .iter()
+                .any(|c| c.live && !st.segment.ensemble.contains(&c.id));
+            if spare && switch_allowed(&st) {
+                core.start_ensemble_change(&mut st);
+            }
             continue;
         };
         let mut st = core.lock();
@@ -1137,7 +1043,19 @@ impl LogWriter {
                 break;
             }
             let want = ((bound - pos.entry) as usize).min(max_entries - out.len());
-            let got = self.read_segment(seg, pos.entry, want).await?;
+            let got = match self.read_segment(seg, pos.entry, want).await {
+                Ok(got) => got,
+                Err(e) if seg.end.is_some() => {
+                    // A repair may have moved the copies: ask where the descriptor says.
+                    match self.fresh_segment(seg.id).await {
+                        Some(fresh) if fresh.ensemble != seg.ensemble => {
+                            self.read_segment(&fresh, pos.entry, want).await?
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             for (entry, payload) in got {
                 out.push(LogEntry {
                     position: LogPosition {
@@ -1150,6 +1068,22 @@ impl LogWriter {
             }
         }
         Ok(out)
+    }
+
+    /// The sealed segment `id` as the descriptor has it now (cached for later reads).
+    async fn fresh_segment(&self, id: SegmentId) -> Option<SegmentMeta> {
+        let bytes = self
+            .core
+            .client
+            .registers
+            .get(&meta::log_key(self.core.log))
+            .await
+            .ok()?;
+        let m = decode_meta(bytes.as_ref()).ok()??;
+        self.core.merge_sealed(&m);
+        m.segments
+            .into_iter()
+            .find(|s| s.id == id && s.end.is_some())
     }
 
     /// A contiguous run of entries `from..` (at most `want`) from any member that has it.

@@ -7,13 +7,16 @@
 //! - [`LogWriter::append`] is a quorum append that resolves once `ack_quorum` storage nodes
 //!   have the entry fsync'd; [`LogWriter::read`] pages through the live log for replay;
 //!   [`LogWriter::trim`] lets storage free everything below a position;
-//! - [`Registers`] are linearizable single-key registers (CASPaxos) for metadata.
+//! - [`Registers`] are linearizable single-key registers (CASPaxos) for metadata;
+//! - [`StorageClient::repair_logs`] (or the loop [`StorageClient::spawn_repair`]) rebuilds
+//!   copies of sealed segments lost with evicted storage nodes (RFC 0003).
 //!
 //! The protocol itself (RFC 0001) lives in the I/O-free state machines of
 //! [`crate::protocol`]; this module drives them over the network.
 
 mod log;
 mod registers;
+mod repair;
 pub(crate) mod transport;
 
 use bytes::Bytes;
@@ -28,9 +31,10 @@ use warren_proto::internal::data::{Request, Response};
 
 pub use log::LogWriter;
 pub use registers::Registers;
+pub use repair::RepairReport;
 
 use crate::StorageError;
-use crate::meta::{self, NODES_KEY, NodeRegistry};
+use crate::meta::{self, MemberState, NODES_KEY, NodeRegistry};
 use crate::protocol::placement::Candidate;
 use transport::{Conn, DataClient};
 
@@ -93,6 +97,7 @@ pub(crate) struct ClientInner {
     failed: Mutex<HashMap<NodeId, Instant>>,
     refreshed_at: Mutex<Option<Instant>>,
     segment_roll_bytes: AtomicU64,
+    repairs: Mutex<repair::RepairClaims>,
 }
 
 /// A segment is sealed and its log continues in a new one once this many payload bytes
@@ -123,6 +128,7 @@ impl StorageClient {
                 failed: Mutex::new(HashMap::new()),
                 refreshed_at: Mutex::new(None),
                 segment_roll_bytes: AtomicU64::new(DEFAULT_SEGMENT_ROLL_BYTES),
+                repairs: Mutex::new(repair::RepairClaims::new()),
             }),
         };
         client.inner.refresh_registry().await?;
@@ -161,6 +167,46 @@ impl StorageClient {
     /// Delete a log and all its segments (queue.delete). Fences any writer first.
     pub async fn delete_log(&self, log: LogId) -> Result<(), StorageError> {
         log::delete(&self.inner, log).await
+    }
+
+    /// Re-replicate the sealed segments of `logs` that lost a member for good (an evicted
+    /// storage node) or were sealed while a member was down: copy the missing entries from
+    /// the surviving members to a node chosen by placement (same zone first), fsync'd there,
+    /// then swap it into the segment's ensemble. Each log's repair is claimed by a CAS on
+    /// its descriptor, so any number of compute nodes may call this for the same logs; a
+    /// log claimed by a running repair elsewhere is skipped (counted as pending). Safe to
+    /// repeat: a pass with nothing to do only reads each descriptor.
+    pub async fn repair_logs(&self, logs: &[LogId]) -> RepairReport {
+        repair::repair_logs(&self.inner, logs).await
+    }
+
+    /// Run [`StorageClient::repair_logs`] every `interval` over the logs `logs()` names
+    /// (e.g. every durable queue this compute node knows of), until the handle is aborted.
+    /// A log's owner also repairs it on its own while it writes.
+    pub fn spawn_repair<F>(&self, interval: Duration, logs: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Vec<LogId> + Send + 'static,
+    {
+        let client = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let logs = logs();
+                if logs.is_empty() {
+                    continue;
+                }
+                let r = client.repair_logs(&logs).await;
+                if r.replaced > 0 || r.repaired > 0 {
+                    tracing::info!(
+                        repaired = r.repaired,
+                        replaced = r.replaced,
+                        copied = r.copied,
+                        pending = r.pending,
+                        "re-replication pass"
+                    );
+                }
+            }
+        })
     }
 
     /// Journal counters of every registered storage node that answers.
@@ -255,7 +301,13 @@ impl ClientInner {
         v
     }
 
-    /// Placement candidates from the cached registry.
+    fn repair_claims(&self) -> std::sync::MutexGuard<'_, repair::RepairClaims> {
+        self.repairs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Placement candidates from the cached registry. Evicted identities are gone for good
+    /// (a restarted node with its disk registers again; one without rejoins under a new id)
+    /// and are never chosen.
     fn candidates(&self) -> Vec<Candidate> {
         let failed = self
             .failed
@@ -267,6 +319,7 @@ impl ClientInner {
             .unwrap_or_else(|e| e.into_inner())
             .nodes
             .iter()
+            .filter(|(_, r)| r.state != MemberState::Evicted)
             .map(|(id, r)| Candidate {
                 id: *id,
                 zone: r.zone.clone(),

@@ -7,4 +7,5 @@ pub mod ownership;
 pub mod placement;
 pub mod quorum;
 pub mod recovery;
+pub mod repair;
 pub mod segment;
