@@ -5,6 +5,7 @@
 //! runs against that broker instead ([`Broker::from_env_or_start`]). Pointing the suite at
 //! RabbitMQ that way proves the expectations themselves are right.
 
+pub mod checker;
 pub mod raw;
 
 use anyhow::{Context, bail};
