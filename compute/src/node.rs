@@ -65,6 +65,8 @@ pub struct Node {
     pub topology: Topology,
     /// The storage tier, if this node has one (durable queues need it).
     pub storage: Option<StorageClient>,
+    /// This node's cluster membership (None when running without storage).
+    pub membership: Option<crate::cluster::membership::Membership>,
     meta: Meta,
     queues: Mutex<HashMap<(String, String), QueueHandle>>,
     reply_to: Mutex<HashMap<String, ReplyConsumer>>,
@@ -82,6 +84,7 @@ impl Node {
         config: ComputeConfig,
         storage: Option<StorageClient>,
         node_id: NodeId,
+        membership: Option<crate::cluster::membership::Membership>,
     ) -> Result<Arc<Node>, AmqpError> {
         let meta = match &storage {
             Some(s) => Meta::Registers(s.registers()),
@@ -92,6 +95,7 @@ impl Node {
             node_id,
             topology: Topology::new(meta.clone()),
             storage,
+            membership,
             meta,
             queues: Mutex::new(HashMap::new()),
             reply_to: Mutex::new(HashMap::new()),
@@ -106,6 +110,20 @@ impl Node {
             tokio::spawn(watch_ownership(Arc::downgrade(&node)));
         }
         Ok(node)
+    }
+
+    /// Stop every queue owner on this node (it was evicted: other nodes take its queues).
+    pub fn stop_owners(&self) {
+        let owners: Vec<QueueHandle> = {
+            let map = match self.queues.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.values().cloned().collect()
+        };
+        for owner in owners {
+            tokio::spawn(async move { owner.send(QueueCmd::Superseded).await });
+        }
     }
 
     /// A node-unique number (connection ids, channel serials, consumer ids).

@@ -9,11 +9,13 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use warren_storage::client::{StorageClient, StorageClientConfig};
 
+use crate::cluster::membership::{self, Membership, MembershipEvent};
 use crate::config::ComputeConfig;
 use crate::connection;
 use crate::error::ComputeError;
 use crate::node::Node;
-use warren_common::NodeId;
+use warren_common::{Generation, NodeId, Zone};
+use warren_storage::meta::{ComputeRecord, MemberState};
 
 /// A running compute node.
 pub struct ComputeNode {
@@ -58,9 +60,16 @@ impl ComputeNode {
             .await
             .map_err(|source| ComputeError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
-        let node = Node::new(config, storage, node_id)
+        let membership = match &storage {
+            Some(storage) => Some(join(&config, storage, node_id, local_addr).await?),
+            None => None,
+        };
+        let node = Node::new(config, storage, node_id, membership.clone())
             .await
             .map_err(|e| ComputeError::Startup(e.to_string()))?;
+        if let Some(m) = &membership {
+            follow_membership(m, &node);
+        }
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(accept_loop(node.clone(), listener, stopped));
         info!(addr = %local_addr, node = %node.node_id, "listening for AMQP 0-9-1 connections");
@@ -82,14 +91,82 @@ impl ComputeNode {
         &self.node
     }
 
-    /// Stop accepting, close every connection with 320 CONNECTION_FORCED, and return.
+    /// Stop accepting, leave the cluster, close every connection with 320
+    /// CONNECTION_FORCED, and return.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        if let Some(m) = &self.node.membership
+            && let Err(e) = m.leave().await
+        {
+            warn!(error = %e, "could not mark this node as leaving; it will be evicted instead");
+        }
         let _ = self.node.shutdown.send(true);
         let _ = self.task.await;
         // Give connections a moment to write their connection.close.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// The address others reach `addr` at: a wildcard bind is advertised as `advertise_host`.
+fn advertised(config: &ComputeConfig, addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let host = config
+            .advertise_host
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        SocketAddr::new(host, addr.port())
+    } else {
+        addr
+    }
+}
+
+/// Join the compute cluster and make the storage client speak for this generation.
+async fn join(
+    config: &ComputeConfig,
+    storage: &StorageClient,
+    node_id: NodeId,
+    amqp_addr: SocketAddr,
+) -> Result<Membership, ComputeError> {
+    let record = ComputeRecord {
+        name: config.node_name.clone(),
+        zone: Zone(config.zone.clone()),
+        amqp_addr: advertised(config, amqp_addr),
+        peer_addr: advertised(config, config.peer_listen),
+        generation: Generation(0),
+        state: MemberState::Active,
+        heartbeat: 0,
+    };
+    let meta = crate::meta::Meta::Registers(storage.registers());
+    let m = Membership::join(meta, node_id, record, &config.cluster)
+        .await
+        .map_err(|e| ComputeError::Startup(format!("joining the cluster: {e}")))?;
+    storage.set_identity(node_id, m.generation());
+    Ok(m)
+}
+
+/// Act on this node's own membership changes: an evicted node drops every client (320
+/// CONNECTION_FORCED) and every queue owner, since other nodes now serve its queues; once
+/// it joined again, its storage client speaks for the new generation.
+fn follow_membership(m: &Membership, node: &Arc<Node>) {
+    let weak = Arc::downgrade(node);
+    let me = node.node_id;
+    m.on_event(move |event| {
+        let Some(node) = weak.upgrade() else {
+            return;
+        };
+        match event {
+            MembershipEvent::Evicted(_) | MembershipEvent::Superseded(_) => {
+                // Wakes every connection's shutdown watch without marking the node as
+                // stopped: connections close with 320, the node itself goes on.
+                node.shutdown.send_modify(|_| {});
+                node.stop_owners();
+            }
+            MembershipEvent::Joined(generation) => {
+                if let Some(storage) = &node.storage {
+                    storage.set_identity(me, generation);
+                }
+            }
+        }
+    });
 }
 
 async fn accept_loop(node: Arc<Node>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
@@ -124,13 +201,33 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, mut stopped: watch:
     }
 }
 
+/// The node id this node's name ran under before (so a restart gets the next generation of
+/// the same identity), or a fresh one.
+async fn reuse_identity(config: &ComputeConfig) -> NodeId {
+    let known = match warren_storage::client::Registers::connect(&config.storage_seeds, &config.tls)
+    {
+        Ok(regs) => {
+            membership::known_id(&crate::meta::Meta::Registers(regs), &config.node_name).await
+        }
+        Err(e) => Err(e),
+    };
+    match known {
+        Ok(Some(id)) => id,
+        Ok(None) => NodeId::random(),
+        Err(e) => {
+            warn!(error = %e, "compute registry unreadable; starting under a new identity");
+            NodeId::random()
+        }
+    }
+}
+
 /// Run a compute node until `shutdown` resolves: connect to storage, listen, serve.
 pub async fn run(
     config: ComputeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ComputeError> {
     config.validate()?;
-    let node_id = NodeId::random();
+    let node_id = reuse_identity(&config).await;
     let storage = StorageClient::connect(StorageClientConfig {
         node_id,
         zone: warren_common::Zone(config.zone.clone()),
