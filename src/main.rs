@@ -1,6 +1,7 @@
 //! `warren`: the one binary for every role (dev cluster, storage node, compute node, bench).
 
 mod bench;
+mod ctl;
 mod dev;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Compute(RoleArgs),
     /// Load-generate against any AMQP 0-9-1 broker and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Administer a cluster: list its nodes, evict one.
+    Ctl(ctl::CtlArgs),
 }
 
 /// Arguments shared by the single-role subcommands.
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
                 dev::run_compute(&args.config, args.exit_on_stdin_close).await
             }
             Command::Bench(args) => bench::run(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
         }
     })
 }
