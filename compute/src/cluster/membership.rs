@@ -613,8 +613,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_lease_lapses_only_after_the_heartbeat_stood_still_for_the_lease() {
+    #[test]
+    fn a_lease_lapses_only_after_the_heartbeat_stood_still_for_the_lease() {
         let mut leases = Leases::default();
         let id = NodeId::random();
         let lease = Duration::from_millis(500);
