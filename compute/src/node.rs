@@ -2,8 +2,9 @@
 //! queue owners running on this node.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use tracing::{info, warn};
 use warren_common::{Epoch, LogId, NodeId};
 use warren_storage::client::StorageClient;
 
+use crate::cluster::{ownership, peer};
 use crate::config::ComputeConfig;
 use crate::error::AmqpError;
 use crate::message::{Message, encode_properties};
@@ -67,6 +69,8 @@ pub struct Node {
     pub storage: Option<StorageClient>,
     /// This node's cluster membership (None when running without storage).
     pub membership: Option<crate::cluster::membership::Membership>,
+    /// Connections to other compute nodes, for queues they own.
+    peers: OnceLock<Arc<peer::Peers>>,
     meta: Meta,
     queues: Mutex<HashMap<(String, String), QueueHandle>>,
     reply_to: Mutex<HashMap<String, ReplyConsumer>>,
@@ -96,6 +100,7 @@ impl Node {
             topology: Topology::new(meta.clone()),
             storage,
             membership,
+            peers: OnceLock::new(),
             meta,
             queues: Mutex::new(HashMap::new()),
             reply_to: Mutex::new(HashMap::new()),
@@ -173,9 +178,48 @@ impl Node {
             .cloned()
     }
 
-    /// The owner of a declared queue, starting it (and taking over its log) if needed.
+    /// The owner of a declared queue: a local owner if this node owns it (starting it and
+    /// taking over its log if needed), else a proxy forwarding to the owning node.
     pub async fn queue(&self, vhost: &str, def: &Arc<QueueDef>) -> Result<QueueHandle, AmqpError> {
+        self.queue_for(vhost, def, false).await
+    }
+
+    /// The local owner of a queue for a peer's session: never a proxy (a peer that asks
+    /// this node believes it is the owner; if it is not, the peer is told so).
+    pub async fn open_for_peer(&self, vhost: &str, name: &str) -> Result<QueueHandle, String> {
+        let mut def = self
+            .topology
+            .snapshot(vhost)
+            .and_then(|t| t.queues.get(name).cloned());
+        if def.is_none() {
+            // Declared on another node a moment ago: this node's snapshot may lag.
+            let _ = self.topology.refresh(vhost).await;
+            def = self
+                .topology
+                .snapshot(vhost)
+                .and_then(|t| t.queues.get(name).cloned());
+        }
+        let Some(def) = def else {
+            return Err(format!("no queue '{name}' in vhost '{vhost}'"));
+        };
+        if !def.durable || def.exclusive {
+            return Err(format!("queue '{name}' is not served across nodes"));
+        }
+        self.queue_for(vhost, &def, true)
+            .await
+            .map_err(|e| e.text.to_string())
+    }
+
+    async fn queue_for(
+        &self,
+        vhost: &str,
+        def: &Arc<QueueDef>,
+        from_peer: bool,
+    ) -> Result<QueueHandle, AmqpError> {
         if let Some(h) = self.running(vhost, &def.name) {
+            if from_peer && h.log_id().is_none() {
+                return Err(AmqpError::internal("this node is not the queue's owner"));
+            }
             return Ok(h);
         }
         let lock = {
@@ -188,7 +232,7 @@ impl Node {
                 .clone()
         };
         let guard = lock.lock().await;
-        let result = self.open_queue(vhost, def).await.map_err(|e| {
+        let result = self.open_queue(vhost, def, from_peer).await.map_err(|e| {
             if e.code == crate::error::ReplyCode::InternalError {
                 // RabbitMQ's answer for a durable queue whose home is unreachable: a 404
                 // on the channel, so the connection (and its other channels) live on.
@@ -215,12 +259,39 @@ impl Node {
         result
     }
 
-    async fn open_queue(&self, vhost: &str, def: &Arc<QueueDef>) -> Result<QueueHandle, AmqpError> {
+    async fn open_queue(
+        &self,
+        vhost: &str,
+        def: &Arc<QueueDef>,
+        from_peer: bool,
+    ) -> Result<QueueHandle, AmqpError> {
         if let Some(h) = self.running(vhost, &def.name) {
+            if from_peer && h.log_id().is_none() {
+                return Err(AmqpError::internal("this node is not the queue's owner"));
+            }
             return Ok(h);
         }
         let id = self.next_id();
         let key = (vhost.to_string(), def.name.clone());
+        if let Some((owner, addr)) = self.remote_owner(vhost, def).await {
+            if from_peer {
+                return Err(AmqpError::internal(format!(
+                    "node {owner} owns this queue, not this node"
+                )));
+            }
+            let Some(peers) = self.peers.get() else {
+                return Err(AmqpError::internal("no peer transport"));
+            };
+            let handle = peers
+                .open_proxy(addr, vhost, &def.name, def.durable, id)
+                .await?;
+            let mut map = match self.queues.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.insert(key, handle.clone());
+            return Ok(handle);
+        }
         let this = self.this.clone();
         let vh = vhost.to_string();
         let qname = def.name.clone();
@@ -268,6 +339,49 @@ impl Node {
         };
         map.insert(key, handle.clone());
         Ok(handle)
+    }
+
+    /// The node that should own `def` and its peer address, when that is not this node.
+    /// Durable queues only: transient and exclusive queues live where they were declared.
+    /// Sticky: the owner recorded in the queue's descriptor keeps the queue while it is a
+    /// live member; otherwise rendezvous hashing over the live members decides.
+    async fn remote_owner(&self, vhost: &str, def: &QueueDef) -> Option<(NodeId, SocketAddr)> {
+        if !def.durable || def.exclusive {
+            return None;
+        }
+        let view = self.membership.as_ref()?.view();
+        self.peers.get()?;
+        if !view.members.contains_key(&self.node_id) {
+            // Not a live member (evicted, rejoining): nothing to route by; a takeover
+            // attempt fails at storage, which refuses this generation.
+            return None;
+        }
+        let recorded = match self.meta.get(&descriptor_key(def.log_id)).await {
+            Ok(Some(raw)) => serde_json::from_slice::<QueueDescriptor>(&raw)
+                .ok()
+                .map(|d| d.owner),
+            _ => None,
+        };
+        let key = ownership::queue_key(vhost, &def.name);
+        let owner = ownership::sticky_owner(view.members.keys(), &key, recorded)?;
+        if owner == self.node_id {
+            return None;
+        }
+        let addr = view.members.get(&owner)?.peer_addr;
+        Some((owner, addr))
+    }
+
+    /// Serve peers on `endpoint` (bound before joining, so its address is advertised).
+    pub fn start_peers(self: &Arc<Self>, endpoint: quinn::Endpoint) {
+        tokio::spawn(peer::serve(Arc::downgrade(self), endpoint.clone()));
+        let _ = self.peers.set(Arc::new(peer::Peers::new(endpoint)));
+    }
+
+    /// Stop serving peers and close every peer connection (the node is stopping).
+    pub fn close_peers(&self) {
+        if let Some(p) = self.peers.get() {
+            p.close();
+        }
     }
 
     fn dead_letter_fn(&self, vhost: &str, def: &QueueDef) -> Option<owner::DeadLetterFn> {

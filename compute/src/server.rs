@@ -60,13 +60,28 @@ impl ComputeNode {
             .await
             .map_err(|source| ComputeError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
+        // Bound before joining, so that the record advertises the port really bound.
+        let peer_endpoint = match &storage {
+            Some(_) => Some(
+                crate::cluster::peer::endpoint(&config.tls, config.peer_listen)
+                    .map_err(|e| ComputeError::Startup(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let peer_addr = peer_endpoint
+            .as_ref()
+            .and_then(|e| e.local_addr().ok())
+            .unwrap_or(config.peer_listen);
         let membership = match &storage {
-            Some(storage) => Some(join(&config, storage, node_id, local_addr).await?),
+            Some(storage) => Some(join(&config, storage, node_id, local_addr, peer_addr).await?),
             None => None,
         };
         let node = Node::new(config, storage, node_id, membership.clone())
             .await
             .map_err(|e| ComputeError::Startup(e.to_string()))?;
+        if let Some(endpoint) = peer_endpoint {
+            node.start_peers(endpoint);
+        }
         if let Some(m) = &membership {
             follow_membership(m, &node);
         }
@@ -101,6 +116,9 @@ impl ComputeNode {
             warn!(error = %e, "could not mark this node as leaving; it will be evicted instead");
         }
         let _ = self.node.shutdown.send(true);
+        // Queues this node owns move to other nodes; their proxies there fail over.
+        self.node.stop_owners();
+        self.node.close_peers();
         let _ = self.task.await;
         // Give connections a moment to write their connection.close.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -125,12 +143,13 @@ async fn join(
     storage: &StorageClient,
     node_id: NodeId,
     amqp_addr: SocketAddr,
+    peer_addr: SocketAddr,
 ) -> Result<Membership, ComputeError> {
     let record = ComputeRecord {
         name: config.node_name.clone(),
         zone: Zone(config.zone.clone()),
         amqp_addr: advertised(config, amqp_addr),
-        peer_addr: advertised(config, config.peer_listen),
+        peer_addr: advertised(config, peer_addr),
         generation: Generation(0),
         state: MemberState::Active,
         heartbeat: 0,

@@ -79,6 +79,11 @@ impl ChannelLimiter {
         self.blocked.swap(false, Ordering::AcqRel)
     }
 
+    /// The limit (0 = none).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Acquire)
+    }
+
     /// Deliveries currently counted.
     pub fn unacked(&self) -> u32 {
         self.unacked.load(Ordering::Acquire)

@@ -131,6 +131,7 @@ pub struct Broker {
 fn test_config(tls: TlsPaths) -> ComputeConfig {
     let mut config = ComputeConfig::new(tls);
     config.amqp_listen = "127.0.0.1:0".parse().expect("loopback address");
+    config.peer_listen = "127.0.0.1:0".parse().expect("loopback address");
     config
 }
 

@@ -1,0 +1,354 @@
+//! Several compute nodes over one in-process storage cluster, real sockets and a real
+//! client: a queue has one owner, and clients of every other node reach it through the
+//! peer transport (publish and confirm, consume, deliver and ack, get, purge, delete);
+//! when the owner stops, another node takes the queue over and redelivers what was unacked.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Storage;
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::time::timeout;
+use warren_common::NodeId;
+use warren_compute::node::{Node, QueueDescriptor};
+use warren_compute::{ComputeConfig, ComputeNode};
+
+const STEP: Duration = Duration::from_secs(60);
+
+async fn start_node(storage: &Storage, name: &str) -> ComputeNode {
+    let mut config = ComputeConfig::new(storage.tls());
+    config.node_name = name.into();
+    config.amqp_listen = "127.0.0.1:0".parse().unwrap();
+    config.peer_listen = "127.0.0.1:0".parse().unwrap();
+    config.storage_seeds = storage.seeds();
+    ComputeNode::start(config, storage.client().await)
+        .await
+        .expect("compute node starts")
+}
+
+fn url(n: &ComputeNode) -> String {
+    format!("amqp://guest:guest@{}/%2f", n.local_addr())
+}
+
+/// Wait until every node sees exactly `nodes` as the live members.
+async fn converge(nodes: &[&ComputeNode]) {
+    let want: Vec<NodeId> = nodes.iter().map(|n| n.node().node_id).collect();
+    for _ in 0..600 {
+        let all = nodes.iter().all(|n| {
+            let view = n.node().membership.as_ref().unwrap().view();
+            view.members.len() == want.len() && want.iter().all(|id| view.members.contains_key(id))
+        });
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("membership did not converge");
+}
+
+async fn connect(url: &str) -> Connection {
+    timeout(
+        STEP,
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect")
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+async fn descriptor(storage: &Storage, node: &Arc<Node>, queue: &str) -> Option<QueueDescriptor> {
+    let log = node.topology.snapshot("/")?.queues.get(queue)?.log_id;
+    let raw = storage
+        .client()
+        .await
+        .registers()
+        .get(&format!("warren/queue-owner/{log}"))
+        .await
+        .unwrap()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+async fn publish_confirmed(ch: &Channel, queue: &str, n: u32) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        let c = timeout(STEP, c).await.expect("confirm timed out").unwrap();
+        assert!(c.is_ack(), "every publish is confirmed");
+    }
+}
+
+/// The owner of `queue` among `nodes` (by its descriptor), and the index of a non-owner,
+/// once every node's topology knows the queue (nodes re-read topology every second).
+async fn owner_index(storage: &Storage, nodes: &[&ComputeNode], queue: &str) -> (usize, usize) {
+    for _ in 0..600 {
+        if nodes.iter().all(|n| {
+            n.node()
+                .topology
+                .snapshot("/")
+                .is_some_and(|t| t.queues.contains_key(queue))
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = descriptor(storage, nodes[0].node(), queue)
+        .await
+        .expect("a durable queue in use has a descriptor");
+    let owner = nodes
+        .iter()
+        .position(|n| n.node().node_id == d.owner)
+        .expect("the owner is one of the nodes");
+    (owner, (owner + 1) % nodes.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let setup = connect(&url(&a)).await;
+    let ch = setup.create_channel().await.unwrap();
+    ch.queue_declare("orders".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (owner, other) = owner_index(&storage, &nodes, "orders").await;
+    let before = descriptor(&storage, a.node(), "orders").await.unwrap();
+
+    // Publisher and consumer both on the node that does not own the queue.
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "orders", 200).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "orders".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..200u32 {
+        let d = timeout(STEP, consumer.next())
+            .await
+            .expect("delivery timed out")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, i.to_be_bytes(), "in order");
+        assert!(!d.redelivered);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // Acks reached the owner: the queue is empty there, and nothing moved.
+    let och = connect(&url(nodes[owner]))
+        .await
+        .create_channel()
+        .await
+        .unwrap();
+    let mut empty = false;
+    for _ in 0..100 {
+        let q = och
+            .queue_declare(
+                "orders".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if q.message_count() == 0 && q.consumer_count() == 1 {
+            empty = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(empty, "the owner saw every ack and the remote consumer");
+    let after = descriptor(&storage, a.node(), "orders").await.unwrap();
+    assert_eq!(
+        before, after,
+        "one owner, no takeover, while both nodes were used"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_purge_and_delete_through_a_non_owner() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("jobs".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "jobs").await;
+    let ch = connect(&url(nodes[other]))
+        .await
+        .create_channel()
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "jobs", 10).await;
+    let q = ch
+        .queue_declare("jobs".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 10);
+    let got = ch
+        .basic_get("jobs".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(got.delivery.data, 0u32.to_be_bytes());
+    assert_eq!(got.message_count, 9);
+    got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    let purged = ch
+        .queue_purge("jobs".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 9);
+    let empty = ch
+        .basic_get("jobs".into(), BasicGetOptions::default())
+        .await
+        .unwrap();
+    assert!(empty.is_none());
+    publish_confirmed(&ch, "jobs", 3).await;
+    let deleted = ch
+        .queue_delete("jobs".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    let err = ch
+        .queue_declare(
+            "jobs".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(err.is_err(), "the queue is gone");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("work".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (owner, _) = owner_index(&storage, &[&a, &b], "work").await;
+    // Read through the declaring node: the other's topology snapshot may lag a moment.
+    let before = descriptor(&storage, a.node(), "work").await.unwrap();
+    let (owner_node, survivor) = if owner == 0 { (a, b) } else { (b, a) };
+
+    let conn = connect(&url(&survivor)).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "work", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "work".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let d = timeout(STEP, consumer.next())
+            .await
+            .expect("delivery timed out")
+            .unwrap()
+            .unwrap();
+        assert!(!d.redelivered);
+    }
+    owner_node.stop().await;
+    // The consumer is cancelled by the server (its queue's node went away).
+    let end = timeout(STEP, consumer.next())
+        .await
+        .expect("cancel timed out");
+    assert!(end.is_none() || end.unwrap().is_err(), "consumer cancelled");
+
+    // A fresh consumer on the surviving node gets every unacked message back, redelivered.
+    let mut seen = Vec::new();
+    'retry: for _ in 0..120 {
+        let Ok(ch) = conn.create_channel().await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let Ok(mut consumer) = ch
+            .basic_consume(
+                "work".into(),
+                "c2".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        while seen.len() < 20 {
+            match timeout(STEP, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    assert!(d.redelivered, "unacked messages come back redelivered");
+                    seen.push(u32::from_be_bytes(d.data[..4].try_into().unwrap()));
+                    d.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                _ => continue 'retry,
+            }
+        }
+        break;
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, (0..20).collect::<Vec<u32>>());
+    let after = descriptor(&storage, survivor.node(), "work").await.unwrap();
+    assert_eq!(
+        after.owner,
+        survivor.node().node_id,
+        "the survivor owns the queue"
+    );
+    assert!(after.epoch > before.epoch, "taken over with a higher epoch");
+    survivor.stop().await;
+}
