@@ -16,7 +16,7 @@ use super::transport::{Conn, ReplyTo};
 use super::{ClientInner, LogEntry, LogPosition};
 use crate::StorageError;
 use crate::meta::{self, LogMeta, SegmentMeta};
-use crate::protocol::placement::choose_ensemble;
+use crate::protocol::placement::{choose_ensemble, choose_replacement};
 use crate::protocol::quorum::{AppendQuorum, SendEntry};
 use crate::protocol::recovery::{
     EntryAnswer, FenceAnswer, Recovery, RecoveryAction, RecoveryFailure,
@@ -654,7 +654,22 @@ async fn switch_segment(
     let repl = client.config.replication;
     let id = SegmentId(rand::random());
     let candidates = client.candidates();
-    let mut ensemble = choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, down);
+    let mut ensemble = if down.is_empty() || old.ensemble.len() != repl.write_quorum {
+        // A roll (or a change of profile): a fresh ensemble spreads segments over all nodes.
+        choose_ensemble(&candidates, repl.write_quorum, repl.per_zone, id.0, down)
+    } else {
+        // An ensemble change keeps the members that answer and replaces each failed one,
+        // in its own zone first; one with no live spare stays, to be refilled by repair.
+        let mut e = old.ensemble.clone();
+        for lost in down {
+            if let Some(i) = e.iter().position(|n| n == lost)
+                && let Some(r) = choose_replacement(&candidates, &e, *lost, repl.per_zone, id.0)
+            {
+                e[i] = r;
+            }
+        }
+        e
+    };
     if ensemble.len() < repl.write_quorum {
         // Too few healthy nodes: keep the full write quorum with the down ones included,
         // so that they get their copies by repair once they are back.
@@ -831,7 +846,8 @@ async fn repair_loop(core: Weak<Core>) {
         if !repair::needs_repair(&cached, &registry) {
             continue;
         }
-        match repair::repair_log(&core.client, core.log, &registry).await {
+        let merge = |m: &LogMeta| core.merge_sealed(m);
+        match repair::repair_log(&core.client, core.log, &registry, &merge).await {
             Ok((report, Some(m))) => {
                 core.merge_sealed(&m);
                 tracing::debug!(log = %core.log, ?report, "owner repair pass");
@@ -860,20 +876,32 @@ async fn reconnect(core: Weak<Core>, generation: u16, member: usize) {
             st.segment.ensemble[member]
         };
         let Ok(conn) = core.client.node_conn(node).await else {
-            // A live node outside the ensemble (one that joined since, or the registry now
-            // shows this member evicted) gets the segment back to full replication at once.
+            // A reachable node outside the ensemble (one that joined since the failure)
+            // gets the segment back to full replication at once. Only a node that answers
+            // counts, so a down zone does not make the writer churn through its nodes.
             // The loop goes on: if the switch cannot happen, the member may still return.
-            let mut st = core.lock();
-            if st.fenced.is_some() || st.generation != generation {
-                return;
-            }
-            let spare = core
-                .client
-                .candidates()
-                .iter()
-                .any(|c| c.live && !st.segment.ensemble.contains(&c.id));
-            if spare && switch_allowed(&st) {
-                core.start_ensemble_change(&mut st);
+            let spare = {
+                let st = core.lock();
+                if st.fenced.is_some() || st.generation != generation {
+                    return;
+                }
+                if switch_allowed(&st) {
+                    core.client
+                        .candidates()
+                        .into_iter()
+                        .find(|c| c.live && !st.segment.ensemble.contains(&c.id))
+                        .map(|c| c.id)
+                } else {
+                    None
+                }
+            };
+            if let Some(spare) = spare
+                && core.client.node_conn(spare).await.is_ok()
+            {
+                let mut st = core.lock();
+                if st.fenced.is_none() && st.generation == generation {
+                    core.start_ensemble_change(&mut st);
+                }
             }
             continue;
         };

@@ -108,7 +108,7 @@ pub(crate) async fn repair_logs(client: &Arc<ClientInner>, logs: &[LogId]) -> Re
         }
     };
     for log in logs {
-        match repair_log(client, *log, &registry).await {
+        match repair_log(client, *log, &registry, &|_| {}).await {
             Ok((r, _)) => report.add(r),
             Err(e) => {
                 tracing::debug!(%log, error = %e, "log repair postponed");
@@ -119,12 +119,14 @@ pub(crate) async fn repair_logs(client: &Arc<ClientInner>, logs: &[LogId]) -> Re
     report
 }
 
-/// Repair the sealed segments of `log` that need it, judged by `registry`. Returns what
+/// Repair the sealed segments of `log` that need it, judged by `registry`. `swapped` sees
+/// the descriptor after every recorded swap, before the claim is released. Returns what
 /// was done and the descriptor as last seen (`None` if the log does not exist).
 pub(crate) async fn repair_log(
     client: &Arc<ClientInner>,
     log: LogId,
     registry: &NodeRegistry,
+    swapped: &(dyn Fn(&LogMeta) + Send + Sync),
 ) -> Result<(RepairReport, Option<LogMeta>), StorageError> {
     let key = meta::log_key(log);
     let mut report = RepairReport::default();
@@ -254,6 +256,7 @@ pub(crate) async fn repair_log(
         match written {
             Ok(Ok(w)) => {
                 if let Some(d) = decode_meta(w.as_ref())? {
+                    swapped(&d);
                     m = d;
                 }
                 report.replaced += outcome.swaps.len();
