@@ -123,6 +123,11 @@ pub fn send_signal(pid: u32, signal: &str, group: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True while process `pid` exists and is no zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    alive(pid, false)
+}
+
 /// True while process `pid` (or, with `group`, any member of its group) exists. A zombie
 /// (killed, not yet reaped by its parent) counts as gone.
 fn alive(pid: u32, group: bool) -> bool {
@@ -735,6 +740,8 @@ impl WarrenDev {
             .arg("--http-port")
             .arg(self.http_port.to_string())
             .args(self.cluster_args())
+            // An error's message, not a backtrace of where it was built, ends the log.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)

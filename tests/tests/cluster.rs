@@ -1,0 +1,115 @@
+//! The multi-node `warren dev` cluster and the harness that drives it: every node is its own
+//! process that a test can find by name and zone, kill, pause, stop and restart, and the
+//! harness leaves nothing behind.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+use warren_tests::{ClusterOpts, WarrenDev, assert_broker_serves, pid_alive};
+
+/// Wait until `pred` holds (a hang guard, not a timing assertion).
+fn eventually(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !pred() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_nodes_are_named_zoned_and_controlled_one_by_one() {
+    let dev = WarrenDev::start_cluster(ClusterOpts::new(3, 3)).unwrap();
+    let root = dev.data_dir();
+
+    // Names, zones (round robin) and one URL per compute node on consecutive ports.
+    assert_eq!(
+        dev.node_names(),
+        [
+            "storage-0",
+            "storage-1",
+            "storage-2",
+            "compute-0",
+            "compute-1",
+            "compute-2"
+        ]
+    );
+    for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
+        assert_eq!(dev.zone_of(&format!("storage-{i}")).unwrap(), *zone);
+        assert_eq!(dev.zone_of(&format!("compute-{i}")).unwrap(), *zone);
+    }
+    assert_eq!(dev.amqp_urls().len(), 3);
+    assert_eq!(dev.amqp_url(), dev.amqp_urls()[0]);
+    for (i, url) in dev.amqp_urls().iter().enumerate() {
+        let port = dev.amqp_port() + i as u16;
+        assert_eq!(*url, format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        assert_broker_serves(url).await.unwrap();
+    }
+
+    // A storage node restarts again and again from its config, as a child of the harness.
+    for _ in 0..2 {
+        let before = dev.pid_of("storage-1").unwrap();
+        dev.kill("storage-1").unwrap();
+        assert!(!dev.is_running("storage-1"));
+        assert!(!pid_alive(before));
+        dev.restart_node("storage-1").unwrap();
+        assert!(dev.is_running("storage-1"));
+        assert_ne!(dev.pid_of("storage-1").unwrap(), before);
+    }
+    assert!(dev.restart_node("storage-1").is_err(), "a running node");
+
+    // A wiped storage node gets a fresh data directory.
+    dev.stop_node("storage-0").unwrap();
+    let data = dev.node_info("storage-0").unwrap().data_dir.unwrap();
+    let marker = data.join("harness-marker");
+    std::fs::write(&marker, b"old identity").unwrap();
+    dev.wipe_and_restart("storage-0").unwrap();
+    assert!(dev.is_running("storage-0"));
+    assert!(!marker.exists());
+
+    // Pause and resume a compute node; restart one after SIGKILL on the same URL.
+    dev.pause("compute-2").unwrap();
+    assert!(dev.is_running("compute-2"), "a paused node still runs");
+    dev.resume("compute-2").unwrap();
+    assert_broker_serves(&dev.url_of("compute-2").unwrap())
+        .await
+        .unwrap();
+    dev.kill("compute-0").unwrap();
+    dev.restart_node("compute-0").unwrap();
+    assert_broker_serves(dev.amqp_url()).await.unwrap();
+
+    // A zone goes down as a whole; the other zones keep running.
+    let killed = dev.kill_zone("zone-c").unwrap();
+    assert_eq!(killed, ["storage-2", "compute-2"]);
+    for name in dev.node_names() {
+        assert_eq!(dev.is_running(&name), !killed.contains(&name), "{name}");
+    }
+
+    // Dropping the cluster stops every process it ran, restarted ones included, and
+    // removes its directory.
+    let pids: Vec<u32> = dev
+        .node_names()
+        .iter()
+        .map(|n| dev.pid_of(n).unwrap())
+        .chain(dev.process_group())
+        .collect();
+    drop(dev);
+    eventually("every process gone", Duration::from_secs(30), || {
+        pids.iter().all(|pid| !pid_alive(*pid))
+    });
+    assert!(!root.exists(), "{} left behind", root.display());
+}
+
+#[test]
+fn impossible_cluster_shape_is_refused_by_flag() {
+    let opts = ClusterOpts {
+        strict: true,
+        ..ClusterOpts::new(1, 3)
+    };
+    let err = match WarrenDev::start_cluster(opts) {
+        Ok(_) => panic!("strict replication with one storage node per zone started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("--storage-per-zone"), "{err}");
+}
