@@ -94,6 +94,9 @@ pub enum MembershipEvent {
     Joined(Generation),
 }
 
+/// How long a graceful stop waits to mark the node Leaving.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 type Listener = Arc<dyn Fn(MembershipEvent) + Send + Sync>;
 
 /// This node's membership of the compute cluster. Cheap to clone.
@@ -181,26 +184,27 @@ impl Membership {
     }
 
     /// Leave gracefully: stop renewing and mark this node Leaving, so that nobody counts
-    /// it as a member any more (and nobody evicts it).
+    /// it as a member any more (and nobody evicts it). Gives up after [`LEAVE_TIMEOUT`]
+    /// (storage unreachable): the node is then evicted once its lease lapses.
     pub async fn leave(&self) -> Result<(), AmqpError> {
         let _ = self.inner.stop.send(true);
         let me = self.inner.me;
         let generation = self.generation();
-        self.inner
-            .meta
-            .update(COMPUTE_NODES_KEY, |cur| {
-                let Ok(mut reg) = decode_compute(cur) else {
-                    return cur.cloned();
-                };
-                match reg.nodes.get_mut(&me) {
-                    Some(r) if r.generation == generation && r.state == MemberState::Active => {
-                        r.state = MemberState::Leaving;
-                        Some(meta::encode(&reg))
-                    }
-                    _ => cur.cloned(),
+        let marking = self.inner.meta.update(COMPUTE_NODES_KEY, |cur| {
+            let Ok(mut reg) = decode_compute(cur) else {
+                return cur.cloned();
+            };
+            match reg.nodes.get_mut(&me) {
+                Some(r) if r.generation == generation && r.state == MemberState::Active => {
+                    r.state = MemberState::Leaving;
+                    Some(meta::encode(&reg))
                 }
-            })
-            .await?;
+                _ => cur.cloned(),
+            }
+        });
+        tokio::time::timeout(LEAVE_TIMEOUT, marking)
+            .await
+            .map_err(|_| AmqpError::internal("metadata unreachable while leaving"))??;
         self.inner.view.send_modify(|v| {
             let mut next = (**v).clone();
             next.members.remove(&me);
