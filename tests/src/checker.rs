@@ -23,7 +23,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
@@ -187,12 +187,13 @@ pub struct FaultTiming {
     pub at_ms: u64,
     /// From the fault to the first confirm (any producer) after it; `None` if none came.
     pub first_confirm_ms: Option<u64>,
-    /// From the fault until every producer had a confirm after it: publishing fully
-    /// resumed. `None` if some producer never got one.
-    pub all_resumed_ms: Option<u64>,
-    /// The longest gap between one producer's consecutive confirms that spans the fault
-    /// (`None` if a producer had no confirm on one side of it).
+    /// The longest pause of any one producer (gap between its consecutive confirms)
+    /// overlapping the time from this fault to the next one. `None` if some producer never
+    /// had a confirm after the fault.
     pub max_gap_ms: Option<u64>,
+    /// From the fault until the end of each producer's longest pause, for the producer that
+    /// resumed last: publishing had fully resumed by then. `None` as above.
+    pub resumed_ms: Option<u64>,
 }
 
 /// The classification of a run; one line of JSON with [`Report::to_json`].
@@ -381,9 +382,12 @@ pub fn classify(scenario: &str, history: &History) -> Report {
             if !explained {
                 report.unexplained_duplicates += 1;
                 if report.anomaly_sample.len() < SAMPLE {
+                    let all: Vec<String> =
+                        got.iter().map(|e| describe_delivery(history, e)).collect();
                     report.anomaly_sample.push(format!(
-                        "{id} delivered again at {} ms with redelivered=false",
-                        ms(d.at)
+                        "{id} delivered again at {} ms with redelivered=false; deliveries: {}",
+                        ms(d.at),
+                        all.join("; ")
                     ));
                 }
             }
@@ -406,10 +410,26 @@ pub fn classify(scenario: &str, history: &History) -> Report {
     report
 }
 
+/// One delivery with the session it came on, for a report's anomaly sample.
+fn describe_delivery(history: &History, d: &DeliveryRecord) -> String {
+    let session = history.sessions.get(d.session).map_or_else(
+        || "unknown session".to_string(),
+        |s| format!("{:?} {} via {} ended {:?}", s.role, s.client, s.url, s.end),
+    );
+    format!(
+        "at {} ms redelivered={} acked={} on session {} ({session})",
+        ms(d.at),
+        d.redelivered,
+        d.acked,
+        d.session
+    )
+}
+
 /// Publishing before and after every injected fault, from the confirm timestamps.
 fn fault_timings(history: &History) -> Vec<FaultTiming> {
     let mut per_producer: BTreeMap<u32, Vec<Duration>> = BTreeMap::new();
     for (id, p) in &history.publishes {
+        per_producer.entry(id.producer).or_default();
         if let Outcome::Confirmed(at) = p.outcome {
             per_producer.entry(id.producer).or_default().push(at);
         }
@@ -417,42 +437,50 @@ fn fault_timings(history: &History) -> Vec<FaultTiming> {
     for confirms in per_producer.values_mut() {
         confirms.sort();
     }
-    let producers: BTreeSet<u32> = history.publishes.keys().map(|id| id.producer).collect();
-
-    history
-        .faults
+    let injections: Vec<&FaultRecord> = history.faults.iter().filter(|f| f.injection).collect();
+    injections
         .iter()
-        .filter(|f| f.injection)
-        .map(|fault| {
+        .enumerate()
+        .map(|(k, fault)| {
             let t = fault.at;
+            // The window this fault is judged over: until the next fault is injected.
+            let window_end = injections.get(k + 1).map(|f| f.at);
             let mut first: Option<Duration> = None;
-            let mut all: Option<Duration> = Some(Duration::ZERO);
-            let mut gap: Option<Duration> = Some(Duration::ZERO);
-            for producer in &producers {
-                let confirms = per_producer
-                    .get(producer)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+            let mut gap = Some(Duration::ZERO);
+            let mut resumed = Some(Duration::ZERO);
+            for confirms in per_producer.values() {
                 let after = confirms.partition_point(|&c| c < t);
-                let next = confirms.get(after).copied();
-                let before = after.checked_sub(1).map(|i| confirms[i]);
-                if let Some(next) = next {
-                    first = Some(first.map_or(next - t, |f| f.min(next - t)));
-                    all = all.map(|a| a.max(next - t));
-                } else {
-                    all = None;
-                }
-                gap = match (gap, before, next) {
-                    (Some(g), Some(b), Some(n)) => Some(g.max(n - b)),
-                    _ => None,
+                let Some(&next) = confirms.get(after) else {
+                    // This producer never had a confirm after the fault.
+                    gap = None;
+                    resumed = None;
+                    continue;
                 };
+                first = Some(first.map_or(next - t, |f| f.min(next - t)));
+                // The producer's longest pause overlapping the window, and when it ended.
+                let mut longest = if after == 0 {
+                    (next - t, next)
+                } else {
+                    (Duration::ZERO, next)
+                };
+                for pair in confirms[after.saturating_sub(1)..].windows(2) {
+                    let (from, to) = (pair[0], pair[1]);
+                    if window_end.is_some_and(|end| from >= end) {
+                        break;
+                    }
+                    if to - from > longest.0 {
+                        longest = (to - from, to);
+                    }
+                }
+                gap = gap.map(|g| g.max(longest.0));
+                resumed = resumed.map(|r| r.max(longest.1.saturating_sub(t)));
             }
             FaultTiming {
                 fault: fault.label.clone(),
                 at_ms: ms(t),
                 first_confirm_ms: first.map(ms),
-                all_resumed_ms: all.map(ms),
                 max_gap_ms: gap.map(ms),
+                resumed_ms: resumed.map(ms),
             }
         })
         .collect()
@@ -1439,10 +1467,34 @@ mod tests {
                 fault: "f".into(),
                 at_ms: 105,
                 first_confirm_ms: Some(995),
-                all_resumed_ms: Some(2395),
                 max_gap_ms: Some(2410),
+                resumed_ms: Some(2395),
             }]
         );
+    }
+
+    #[test]
+    fn a_pause_that_starts_after_the_fault_counts_until_the_next_fault() {
+        // One producer confirms every 10 ms, except for a pause from 300 to 2300 ms that
+        // starts well after the first fault (105 ms); a second fault comes at 2000 ms.
+        let mut h = H::new().fault(105).fault(2000);
+        let times: Vec<u64> = (0..=300)
+            .step_by(10)
+            .chain((2300..=2400).step_by(10))
+            .collect();
+        for &t in &times {
+            h = h.publish(id(0, t), Outcome::Confirmed(d(t))).deliver(
+                id(0, t),
+                t + 1,
+                H::CLEAN,
+                false,
+            );
+        }
+        let r = h.report();
+        assert!(r.passed(), "{:?}", r.violations());
+        let timing = |f: &FaultTiming| (f.first_confirm_ms, f.max_gap_ms, f.resumed_ms);
+        assert_eq!(timing(&r.faults[0]), (Some(5), Some(2000), Some(2195)));
+        assert_eq!(timing(&r.faults[1]), (Some(300), Some(2000), Some(300)));
     }
 
     #[test]
@@ -1458,7 +1510,7 @@ mod tests {
             .report();
         let f = &r.faults[0];
         assert_eq!(f.first_confirm_ms, Some(10));
-        assert_eq!(f.all_resumed_ms, None);
+        assert_eq!(f.resumed_ms, None);
         assert_eq!(f.max_gap_ms, None);
     }
 
