@@ -20,7 +20,10 @@ use warren_compute::meta::Meta;
 use warren_compute::{ComputeConfig, ComputeNode};
 use warren_storage::StorageError;
 use warren_storage::client::Registers;
-use warren_storage::meta::{self, COMPUTE_NODES_KEY, ComputeRecord, ComputeRegistry, MemberState};
+use warren_storage::meta::{
+    self, COMPUTE_NODES_KEY, ComputeRecord, ComputeRegistry, MemberState, NODES_KEY, NodeRecord,
+    NodeRegistry,
+};
 
 /// Bound on anything that takes a few lease periods; loops end as soon as it happened.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -263,5 +266,68 @@ async fn an_evicted_node_drops_its_clients_with_320_and_serves_again_with_a_new_
         .expect("the confirmed message is there");
     assert_eq!(&got.delivery.data[..], b"after re-join");
     conn.close(200, "bye".into()).await.unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_node_that_stops_renewing_is_evicted_after_the_storage_lease() {
+    let storage = Storage::start().await;
+    let regs = registers(&storage);
+    let mut config = config(&storage, "compute-0");
+    config.cluster.storage_lease_ms = 1_000;
+    let node = ComputeNode::start(config, storage.client().await)
+        .await
+        .unwrap();
+    let m = node.node().membership.clone().unwrap();
+
+    // A storage node that registered and then died: its record never moves again.
+    let dead = NodeId::random();
+    regs.update(NODES_KEY, |cur| {
+        let mut reg: NodeRegistry = meta::decode(cur.unwrap())?;
+        reg.nodes.insert(
+            dead,
+            NodeRecord {
+                name: "storage-9".into(),
+                zone: Zone("zone-a".into()),
+                data_addr: "127.0.0.1:9".parse().unwrap(),
+                control_addr: "127.0.0.1:9".parse().unwrap(),
+                generation: Generation(1),
+                state: MemberState::Active,
+                heartbeat: 0,
+            },
+        );
+        Ok::<_, StorageError>(Some(meta::encode(&reg)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+
+    let storage_registry = || async {
+        let b = regs.get(NODES_KEY).await.unwrap().unwrap();
+        meta::decode::<NodeRegistry>(&b).unwrap()
+    };
+    eventually("the dead storage node is evicted", || async {
+        let r = storage_registry().await.nodes[&dead].clone();
+        r.state == MemberState::Evicted && r.generation == Generation(2)
+    })
+    .await;
+    // The live storage nodes renew their leases and stay; the view lists exactly them.
+    let reg = storage_registry().await;
+    let live: Vec<NodeId> = reg
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != dead)
+        .map(|(id, r)| {
+            assert_eq!(r.state, MemberState::Active, "{}", r.name);
+            *id
+        })
+        .collect();
+    assert_eq!(live.len(), 3);
+    eventually("the view holds the live storage nodes only", || {
+        let seen: Vec<NodeId> = m.view().storage.keys().copied().collect();
+        let want = live.clone();
+        async move { seen == want }
+    })
+    .await;
     node.stop().await;
 }

@@ -396,6 +396,12 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
     tick.tick().await;
     let mut compute = Leases::default();
     let mut storage = Leases::default();
+    // Storage leases are long: reading their registry about ten times per lease is plenty,
+    // and spares the register acceptors a round per compute node per tick.
+    let storage_every = inner.upgrade().map_or(1, |i| {
+        (i.config.storage_lease_ms / (10 * i.config.renew_ms.max(1))).max(1)
+    });
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -458,12 +464,18 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
         for (id, generation, heartbeat) in lapsed {
             evict_compute(&inner.meta, id, generation, heartbeat).await;
         }
-        match inner
-            .meta
-            .get(NODES_KEY)
-            .await
-            .map(|b| decode_storage(b.as_ref()))
-        {
+        let due = ticks.is_multiple_of(storage_every);
+        ticks += 1;
+        let read_storage = if due {
+            inner
+                .meta
+                .get(NODES_KEY)
+                .await
+                .map(|b| decode_storage(b.as_ref()))
+        } else {
+            Err(StorageError::Unavailable("not read this tick".into()))
+        };
+        match read_storage {
             Ok(Ok(nodes)) => {
                 let storage_lease = Duration::from_millis(inner.config.storage_lease_ms);
                 let mut lapsed = Vec::new();
@@ -490,9 +502,14 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
                     evict_storage(&inner.meta, id, generation, heartbeat).await;
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "storage node registry unreadable"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "storage node registry unreadable");
+                view.storage = inner.view.borrow().storage.clone();
+            }
             Err(e) => {
-                debug!(error = %e, "storage node registry read failed; will retry");
+                if due {
+                    debug!(error = %e, "storage node registry read failed; will retry");
+                }
                 view.storage = inner.view.borrow().storage.clone();
             }
         }
