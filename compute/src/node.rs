@@ -326,8 +326,17 @@ impl Node {
                 let mut log = DurableLog::new(writer);
                 let records = crate::queue::log::QueueLog::replay(&mut log).await?;
                 let n = records.len();
-                let engine = owner::replay(records, policy)
+                let (engine, handed_off) = owner::replay_handoff(records, policy)
                     .map_err(|e| AmqpError::internal(format!("queue log unreadable: {e}")))?;
+                if handed_off {
+                    // Written before the first delivery: a later replay must not trust the
+                    // hand-off mark once this owner may have delivered messages.
+                    crate::queue::log::QueueLog::append(
+                        &mut log,
+                        crate::queue::record::encode_settle(&[]),
+                    )
+                    .await?;
+                }
                 info!(queue = %def.name, vhost, %epoch, records = n, ready = engine.ready_count(), "queue owner started");
                 owner::spawn(engine, log, config)
             }
@@ -369,6 +378,67 @@ impl Node {
         }
         let addr = view.members.get(&owner)?.peer_addr;
         Some((owner, addr))
+    }
+
+    /// Give an idle queue this node owns to `to`: the owner stops once its hand-off mark is
+    /// durable, then the descriptor names `to` (which takes the queue over when it is next
+    /// used). Openings of the queue on this node wait meanwhile, so none of them takes it
+    /// back. A busy queue stays (tried again at the next check).
+    async fn hand_off(&self, handle: &QueueHandle, log_id: LogId, to: NodeId) {
+        let shared = handle.shared();
+        let key = (shared.vhost.clone(), shared.name.clone());
+        let lock = {
+            let mut map = match self.opening.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.lock().await;
+        if self
+            .running(&key.0, &key.1)
+            .is_some_and(|h| h.shared().id == shared.id)
+        {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let handed = handle.send(QueueCmd::HandOff { reply: tx }).await
+                && matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(10), rx).await,
+                    Ok(Ok(true))
+                );
+            if handed {
+                let me = self.node_id;
+                let moved = self
+                    .meta
+                    .update(&descriptor_key(log_id), |cur: Option<&Bytes>| {
+                        // `None` would delete the register: anything not ours stays as is.
+                        let cur = cur?.clone();
+                        match serde_json::from_slice::<QueueDescriptor>(&cur) {
+                            Ok(mut d) if d.owner == me => {
+                                d.owner = to;
+                                serde_json::to_vec(&d).ok().map(Bytes::from).or(Some(cur))
+                            }
+                            _ => Some(cur),
+                        }
+                    })
+                    .await;
+                match moved {
+                    Ok(_) => {
+                        info!(queue = %key.1, vhost = %key.0, to = %to, "idle queue handed off to its rendezvous owner")
+                    }
+                    Err(e) => {
+                        warn!(queue = %key.1, error = %e, "hand-off not recorded; the next user takes the queue over")
+                    }
+                }
+            }
+        }
+        drop(guard);
+        let mut map = match self.opening.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if map.get(&key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            map.remove(&key);
+        }
     }
 
     /// Serve peers on `endpoint` (bound before joining, so its address is advertised).
@@ -598,6 +668,7 @@ async fn watch_ownership(node: Weak<Node>) {
                 .filter_map(|h| h.log_id().map(|l| (h.clone(), l)))
                 .collect()
         };
+        let view = node.membership.as_ref().map(|m| m.view());
         for (handle, log) in owned {
             let Ok(Some(raw)) = node.meta.get(&descriptor_key(log)).await else {
                 continue;
@@ -606,6 +677,20 @@ async fn watch_ownership(node: Weak<Node>) {
                 && d.owner != node.node_id
             {
                 handle.send(QueueCmd::Superseded).await;
+                continue;
+            }
+            // Rebalance: a queue whose rendezvous owner is another live member goes there
+            // once it is idle (nothing unacked, no consumer), without redelivery.
+            if let Some(view) = &view
+                && view.members.contains_key(&node.node_id)
+            {
+                let shared = handle.shared();
+                let key = ownership::queue_key(&shared.vhost, &shared.name);
+                if let Some(natural) = ownership::owner_of(view, &key)
+                    && natural != node.node_id
+                {
+                    node.hand_off(&handle, log, natural).await;
+                }
             }
         }
     }

@@ -352,3 +352,97 @@ async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
     assert!(after.epoch > before.epoch, "taken over with a higher epoch");
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    converge(&[&a]).await;
+    let conn = connect(&url(&a)).await;
+    let ch = conn.create_channel().await.unwrap();
+    let names: Vec<String> = (0..16).map(|i| format!("idle-{i}")).collect();
+    for name in &names {
+        ch.queue_declare(name.as_str().into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+        publish_confirmed(&ch, name, 2).await;
+        // Deliver the first message once and put it back: it is redelivered from now on.
+        let got = ch
+            .basic_get(name.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        got.delivery
+            .reject(BasicRejectOptions { requeue: true })
+            .await
+            .unwrap();
+    }
+    let before: Vec<QueueDescriptor> = {
+        let mut v = Vec::new();
+        for name in &names {
+            v.push(descriptor(&storage, a.node(), name).await.unwrap());
+        }
+        v
+    };
+    assert!(before.iter().all(|d| d.owner == a.node().node_id));
+
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let view = a.node().membership.as_ref().unwrap().view();
+    let movers: Vec<usize> = (0..names.len())
+        .filter(|i| {
+            warren_compute::cluster::ownership::owner_of(
+                &view,
+                &warren_compute::cluster::ownership::queue_key("/", &names[*i]),
+            ) == Some(b.node().node_id)
+        })
+        .collect();
+    assert!(!movers.is_empty(), "some queue hashes to the new node");
+    for &i in &movers {
+        let mut moved = false;
+        for _ in 0..300 {
+            let d = descriptor(&storage, a.node(), &names[i]).await.unwrap();
+            if d.owner == b.node().node_id {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(moved, "idle queue {} handed off to the new node", names[i]);
+    }
+    // Through either node, the moved queues kept their messages and their flags: only the
+    // message delivered before is redelivered.
+    let bch = connect(&url(&b)).await.create_channel().await.unwrap();
+    for (n, &i) in movers.iter().enumerate() {
+        let ch = if n % 2 == 0 { &bch } else { &ch };
+        let first = ch
+            .basic_get(names[i].as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("first message kept");
+        assert_eq!(first.delivery.data, 0u32.to_be_bytes());
+        assert!(first.delivery.redelivered, "delivered before the hand-off");
+        let second = ch
+            .basic_get(names[i].as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("second message kept");
+        assert_eq!(second.delivery.data, 1u32.to_be_bytes());
+        assert!(
+            !second.delivery.redelivered,
+            "never delivered: a graceful hand-off does not flag it"
+        );
+        assert_eq!(second.message_count, 0);
+        let d = descriptor(&storage, a.node(), &names[i]).await.unwrap();
+        assert_eq!(d.owner, b.node().node_id, "the new node serves it");
+    }
+    // Queues that hash to the old node stayed there, with no takeover.
+    for (i, name) in names.iter().enumerate() {
+        if !movers.contains(&i) {
+            let d = descriptor(&storage, a.node(), name).await.unwrap();
+            assert_eq!(d, before[i], "{name} did not move");
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -493,8 +493,12 @@ impl Proxy {
                 if_empty,
             },
             QueueCmd::Wake => PeerRequest::Wake,
-            // Only an owner can be superseded; the owner node handles that itself.
+            // Only an owner can be superseded or handed off; its own node does that.
             QueueCmd::Superseded => return,
+            QueueCmd::HandOff { reply } => {
+                let _ = reply.send(false);
+                return;
+            }
             QueueCmd::Batch(cmds) => {
                 for c in cmds {
                     self.on_cmd(c);

@@ -450,6 +450,20 @@ impl QueueEngine {
         }
     }
 
+    /// Whether some ready message lives only in memory (it would not survive a hand-off).
+    pub fn has_transient(&self) -> bool {
+        self.ready.iter().any(|e| !e.durable)
+    }
+
+    /// Ready messages flagged redelivered (for a hand-off mark).
+    pub fn ready_redelivered(&self) -> Vec<Seq> {
+        self.ready
+            .iter()
+            .filter(|e| e.redelivered)
+            .map(|e| e.seq)
+            .collect()
+    }
+
     /// The next position to assign (replay continues numbering after it).
     pub fn next_seq(&self) -> Seq {
         self.next_seq

@@ -173,6 +173,13 @@ pub enum QueueCmd {
     Wake,
     /// Another compute node took the queue over: stop serving it here.
     Superseded,
+    /// Stop serving here so another node can take the queue over, if nothing is unacked
+    /// and nothing consumes (no redelivery): answered true once the hand-off mark is
+    /// durable, false if the queue is busy (it then goes on serving).
+    HandOff {
+        /// The answer.
+        reply: oneshot::Sender<bool>,
+    },
     /// Several publishes, acks, rejects and wakes from one connection, in order: one
     /// channel operation instead of one per message.
     Batch(Vec<QueueCmd>),
@@ -267,6 +274,15 @@ pub enum ExitReason {
     AutoDeleted,
     /// The log failed (fenced by a newer owner, or storage lost).
     LogFailed,
+    /// Handed off to another node while idle.
+    HandedOff,
+}
+
+impl ExitReason {
+    /// The queue is gone for good (not moving to another owner).
+    pub fn deleted(self) -> bool {
+        matches!(self, ExitReason::Deleted | ExitReason::AutoDeleted)
+    }
 }
 
 /// Replay a log into a fresh engine: enqueue records restore messages (marked redelivered,
@@ -275,33 +291,52 @@ pub fn replay(
     records: Vec<bytes::Bytes>,
     policy: QueuePolicy,
 ) -> Result<QueueEngine, record::CorruptRecord> {
+    replay_handoff(records, policy).map(|(engine, _)| engine)
+}
+
+/// Like [`replay`]; when the log ends with a hand-off mark (its previous owner stopped
+/// gracefully with nothing unacked), only the messages the mark lists are flagged
+/// redelivered, and the second value is true: the new owner must then append a record
+/// before it delivers anything, so that a later replay no longer trusts the mark.
+pub fn replay_handoff(
+    records: Vec<bytes::Bytes>,
+    policy: QueuePolicy,
+) -> Result<(QueueEngine, bool), record::CorruptRecord> {
     let mut engine = QueueEngine::with_policy(policy);
     let mut max_seq = 0;
+    let mut live: std::collections::BTreeMap<Seq, Message> = std::collections::BTreeMap::new();
+    let mut handoff: Option<std::collections::HashSet<Seq>> = None;
     for rec in records {
         match record::decode(rec)? {
             Record::Enqueue(items) => {
+                handoff = None;
                 for (seq, msg) in items {
                     max_seq = max_seq.max(seq + 1);
-                    // TTLs restart at takeover: the log keeps no enqueue times.
-                    engine.restore(Entry {
-                        seq,
-                        msg: Arc::new(msg),
-                        redelivered: true,
-                        durable: true,
-                        expires_at: None,
-                        rank: 0,
-                    });
+                    live.insert(seq, msg);
                 }
             }
             Record::Settle(seqs) => {
+                handoff = None;
                 for s in seqs {
-                    engine.forget(s);
+                    live.remove(&s);
                 }
             }
+            Record::HandOff(seqs) => handoff = Some(seqs.into_iter().collect()),
         }
     }
+    for (seq, msg) in live {
+        // TTLs restart at takeover: the log keeps no enqueue times.
+        engine.restore(Entry {
+            seq,
+            msg: Arc::new(msg),
+            redelivered: handoff.as_ref().is_none_or(|r| r.contains(&seq)),
+            durable: true,
+            expires_at: None,
+            rank: 0,
+        });
+    }
     engine.bump_seq(max_seq);
-    Ok(engine)
+    Ok((engine, handoff.is_some()))
 }
 
 struct PendingAppend {
@@ -341,6 +376,8 @@ pub struct Owner<L: QueueLog> {
     batch_confirms_durable: Vec<(Arc<Message>, ConfirmTo)>,
     batch_confirms_now: Vec<ConfirmTo>,
     deliveries: Vec<Delivery>,
+    /// A hand-off accepted: answered once its mark is durable.
+    handoff: Option<oneshot::Sender<bool>>,
 }
 
 /// Start an owner task for a queue whose engine was rebuilt from `log`.
@@ -394,6 +431,7 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         batch_confirms_durable: Vec::new(),
         batch_confirms_now: Vec::new(),
         deliveries: Vec::new(),
+        handoff: None,
     };
     tokio::spawn(owner.run(rx));
     handle
@@ -556,9 +594,16 @@ impl<L: QueueLog> Owner<L> {
                 let _ = sink.send(ConnEvent::Cancelled { channel, tag });
             }
         }
+        if let Some(reply) = self.handoff.take() {
+            // After every record of the publishes this owner took: the mark is last.
+            let mark = record::encode_handoff(&self.engine.ready_redelivered());
+            let fut = self.log.append(mark);
+            let ok = matches!(tokio::time::timeout(APPEND_STALL, fut).await, Ok(Ok(_)));
+            let _ = reply.send(ok);
+        }
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
-            confirm_dropped(cmd, reason != ExitReason::LogFailed, &self.handle.0.name);
+            confirm_dropped(cmd, reason.deleted(), &self.handle.0.name);
         }
         debug!(queue = %self.handle.0.name, ?reason, "queue owner stopped");
         if let Some(f) = self.on_exit.take() {
@@ -675,6 +720,18 @@ impl<L: QueueLog> Owner<L> {
                 warn!(queue = %self.handle.0.name, "queue taken over by another compute node; it stops serving here");
                 return Some(ExitReason::LogFailed);
             }
+            QueueCmd::HandOff { reply } => {
+                if self.log.is_durable()
+                    && self.handoff.is_none()
+                    && self.engine.unacked_count() == 0
+                    && self.engine.consumer_count() == 0
+                    && !self.engine.has_transient()
+                {
+                    self.handoff = Some(reply);
+                    return Some(ExitReason::HandedOff);
+                }
+                let _ = reply.send(false);
+            }
             QueueCmd::Batch(cmds) => {
                 let mut stop = None;
                 for cmd in cmds {
@@ -683,7 +740,7 @@ impl<L: QueueLog> Owner<L> {
                     } else {
                         confirm_dropped(
                             cmd,
-                            stop != Some(ExitReason::LogFailed),
+                            stop.is_some_and(ExitReason::deleted),
                             &self.handle.0.name,
                         );
                     }

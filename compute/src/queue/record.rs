@@ -1,9 +1,11 @@
-//! The queue log's record format: enqueue batches and settlement batches.
+//! The queue log's record format: enqueue batches, settlement batches, and the hand-off
+//! mark an owner writes when it gives an idle queue to another node.
 //!
 //! Layout (all integers big-endian): a tag byte, a u32 count, then the items.
 //! Enqueue item: seq u64, exchange (u8 len + bytes), routing key (u8 len + bytes),
 //! persistent u8, properties (u32 len + bytes), body (u32 len + bytes).
-//! Settle item: seq u64. Everything read back is bounds-checked: a corrupt record is an
+//! Settle item: seq u64. Hand-off item: seq u64 (a ready message already flagged
+//! redelivered). Everything read back is bounds-checked: a corrupt record is an
 //! error, never a panic.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -13,6 +15,7 @@ use crate::message::Message;
 
 const TAG_ENQUEUE: u8 = 1;
 const TAG_SETTLE: u8 = 2;
+const TAG_HANDOFF: u8 = 3;
 
 /// One log record.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +24,10 @@ pub enum Record {
     Enqueue(Vec<(Seq, Message)>),
     /// Messages removed from the queue (acked, rejected, purged, auto-acked).
     Settle(Vec<Seq>),
+    /// The owner stopped gracefully with nothing unacked: of the messages live at this
+    /// point, only these had been delivered before. Honoured only as the log's last record
+    /// (a later owner may have delivered more since).
+    HandOff(Vec<Seq>),
 }
 
 /// A record that could not be decoded.
@@ -61,8 +68,17 @@ fn put_short(b: &mut BytesMut, s: &str) {
 
 /// Encode a settlement batch.
 pub fn encode_settle(seqs: &[Seq]) -> Bytes {
+    encode_seqs(TAG_SETTLE, seqs)
+}
+
+/// Encode a hand-off mark listing the live messages already flagged redelivered.
+pub fn encode_handoff(redelivered: &[Seq]) -> Bytes {
+    encode_seqs(TAG_HANDOFF, redelivered)
+}
+
+fn encode_seqs(tag: u8, seqs: &[Seq]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + seqs.len() * 8);
-    b.put_u8(TAG_SETTLE);
+    b.put_u8(tag);
     b.put_u32(u32::try_from(seqs.len()).unwrap_or(u32::MAX));
     for s in seqs {
         b.put_u64(*s);
@@ -135,12 +151,16 @@ pub fn decode(buf: Bytes) -> Result<Record, CorruptRecord> {
             }
             Record::Enqueue(items)
         }
-        TAG_SETTLE => {
+        TAG_SETTLE | TAG_HANDOFF => {
             let mut seqs = Vec::with_capacity(count);
             for _ in 0..count {
                 seqs.push(r.u64()?);
             }
-            Record::Settle(seqs)
+            if tag == TAG_SETTLE {
+                Record::Settle(seqs)
+            } else {
+                Record::HandOff(seqs)
+            }
         }
         _ => return Err(CorruptRecord("unknown record tag")),
     };
@@ -175,12 +195,22 @@ mod tests {
         assert_eq!(decode(enc).unwrap(), Record::Enqueue(msgs.to_vec()));
         let enc = encode_settle(&[1, 5, 9]);
         assert_eq!(decode(enc).unwrap(), Record::Settle(vec![1, 5, 9]));
+        let enc = encode_handoff(&[4]);
+        assert_eq!(decode(enc).unwrap(), Record::HandOff(vec![4]));
+        assert_eq!(
+            decode(encode_handoff(&[])).unwrap(),
+            Record::HandOff(vec![])
+        );
     }
 
     #[test]
     fn every_truncation_is_an_error() {
         let msgs = [(7u64, m(b"hello"))];
         let enc = encode_enqueue(msgs.iter().map(|(s, m)| (*s, m)));
+        for n in 0..enc.len() {
+            assert!(decode(enc.slice(..n)).is_err(), "prefix {n}");
+        }
+        let enc = encode_handoff(&[1, 2]);
         for n in 0..enc.len() {
             assert!(decode(enc.slice(..n)).is_err(), "prefix {n}");
         }
