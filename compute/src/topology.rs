@@ -207,6 +207,10 @@ pub struct Topology {
     seen: std::sync::Mutex<HashMap<String, Option<Bytes>>>,
     version: AtomicU64,
     write: tokio::sync::Mutex<()>,
+    /// Register reads made because something was missing: (reads started, the start number
+    /// of the last one finished), per vhost.
+    miss_reads: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+    miss_lock: tokio::sync::Mutex<()>,
 }
 
 /// A mutation being prepared on a copy of a vhost's snapshot.
@@ -334,7 +338,49 @@ impl Topology {
             seen: std::sync::Mutex::new(HashMap::new()),
             version: AtomicU64::new(1),
             write: tokio::sync::Mutex::new(()),
+            miss_reads: std::sync::Mutex::new(HashMap::new()),
+            miss_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Re-read a vhost's register because an exchange, queue or route was missing from the
+    /// snapshot: another compute node may have declared it a moment ago, and a client that
+    /// saw declare-ok there must find it here, as on a RabbitMQ cluster. The read starts
+    /// after the miss (so it sees every declaration acknowledged before it), and concurrent
+    /// misses share one read: at most one such read per vhost is in flight.
+    pub async fn refresh_after_miss(&self, vhost: &str) -> Result<(), AmqpError> {
+        if matches!(self.meta, Meta::Memory(_)) {
+            return Ok(());
+        }
+        let counts = |this: &Self| {
+            let map = match this.miss_reads.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.get(vhost).copied().unwrap_or((0, 0))
+        };
+        // Any read numbered above the ones started so far begins after this miss.
+        let wanted = counts(self).0 + 1;
+        let _turn = self.miss_lock.lock().await;
+        if counts(self).1 >= wanted {
+            return Ok(());
+        }
+        let number = {
+            let mut map = match self.miss_reads.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let entry = map.entry(vhost.to_string()).or_default();
+            entry.0 += 1;
+            entry.0
+        };
+        let result = self.refresh(vhost).await;
+        let mut map = match self.miss_reads.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(vhost.to_string()).or_default().1 = number;
+        result
     }
 
     /// Read a vhost's durable topology from the store and add the predeclared exchanges.

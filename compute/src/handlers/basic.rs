@@ -169,7 +169,7 @@ impl Conn {
             return self.consume_reply_to(id, c);
         }
         let name = self.resolve_queue_name(id, c.queue.as_str())?;
-        let def = self.queue_def(&name)?;
+        let def = self.queue_def(&name).await?;
         let tag = if c.consumer_tag.as_str().is_empty() {
             random_name("amq.ctag-")
         } else {
@@ -250,7 +250,7 @@ impl Conn {
 
     async fn get(&mut self, id: u16, g: basic::Get) -> Result<(), AmqpError> {
         let name = self.resolve_queue_name(id, g.queue.as_str())?;
-        let def = self.queue_def(&name)?;
+        let def = self.queue_def(&name).await?;
         let q = self.queue_handle(&def).await?;
         let key = self.ch(id)?.key;
         let (tx, rx) = oneshot::channel();
@@ -361,40 +361,39 @@ impl Conn {
         if exchange.is_empty() && routing_key.starts_with(super::reply_to::REPLY_TO_PREFIX) {
             return self.publish_direct_reply(id, &p, props, &header, body);
         }
-        let topo = self.refresh_topology().clone();
         let mut targets = std::mem::take(&mut self.route_buf);
-        targets.clear();
-        if exchange.is_empty() {
-            if topo.queues.contains_key(routing_key) {
-                targets.push(routing_key.to_string());
+        let mut topo = self.refresh_topology().clone();
+        let mut missed = false;
+        loop {
+            targets.clear();
+            let found = route_publish(&topo, exchange, routing_key, props, &mut targets);
+            let miss = matches!(found, Err(RouteMiss::NoExchange)) || targets.is_empty();
+            if miss && !missed && self.in_cluster() {
+                // Declared on another compute node a moment ago? Look again before
+                // refusing or dropping the message.
+                missed = true;
+                if self.node.topology.refresh_after_miss(&vhost).await.is_ok() {
+                    topo = self.refresh_topology().clone();
+                    continue;
+                }
             }
-        } else {
-            let Some(x) = topo.exchanges.get(exchange) else {
-                self.route_buf = targets;
-                return Err(AmqpError::not_found(format!(
-                    "no {}",
-                    rs("exchange", exchange, &vhost)
-                )));
-            };
-            if x.def.internal {
-                self.route_buf = targets;
-                return Err(AmqpError::access_refused(format!(
-                    "cannot publish to internal {}",
-                    rs("exchange", exchange, &vhost)
-                )));
+            match found {
+                Ok(()) => break,
+                Err(RouteMiss::NoExchange) => {
+                    self.route_buf = targets;
+                    return Err(AmqpError::not_found(format!(
+                        "no {}",
+                        rs("exchange", exchange, &vhost)
+                    )));
+                }
+                Err(RouteMiss::Internal) => {
+                    self.route_buf = targets;
+                    return Err(AmqpError::access_refused(format!(
+                        "cannot publish to internal {}",
+                        rs("exchange", exchange, &vhost)
+                    )));
+                }
             }
-            let headers = if routing::needs_headers(&topo.exchanges, x) {
-                props.headers().clone()
-            } else {
-                None
-            };
-            routing::route(
-                &topo.exchanges,
-                x,
-                routing_key,
-                headers.as_ref(),
-                &mut targets,
-            );
         }
         let properties_raw = match (header.raw_properties(), &rewritten) {
             (Some(raw), None) => raw.clone(),
@@ -532,4 +531,41 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Why a publish could not be routed at all.
+enum RouteMiss {
+    /// The exchange does not exist.
+    NoExchange,
+    /// The exchange is internal.
+    Internal,
+}
+
+/// Fill `targets` with the queues a publish goes to.
+fn route_publish(
+    topo: &crate::topology::VhostTopology,
+    exchange: &str,
+    routing_key: &str,
+    props: &amq_protocol::protocol::BasicProperties,
+    targets: &mut Vec<String>,
+) -> Result<(), RouteMiss> {
+    if exchange.is_empty() {
+        if topo.queues.contains_key(routing_key) {
+            targets.push(routing_key.to_string());
+        }
+        return Ok(());
+    }
+    let Some(x) = topo.exchanges.get(exchange) else {
+        return Err(RouteMiss::NoExchange);
+    };
+    if x.def.internal {
+        return Err(RouteMiss::Internal);
+    }
+    let headers = if routing::needs_headers(&topo.exchanges, x) {
+        props.headers().clone()
+    } else {
+        None
+    };
+    routing::route(&topo.exchanges, x, routing_key, headers.as_ref(), targets);
+    Ok(())
 }

@@ -87,7 +87,13 @@ impl Conn {
                 return Err(default_exchange_refused());
             }
             if !self.refresh_topology().exchanges.contains_key(&name) {
-                return Err(AmqpError::not_found(format!("no {what}")));
+                if self.in_cluster() {
+                    // Declared on another compute node a moment ago: look again.
+                    self.node.topology.refresh_after_miss(&vhost).await?;
+                }
+                if !self.refresh_topology().exchanges.contains_key(&name) {
+                    return Err(AmqpError::not_found(format!("no {what}")));
+                }
             }
         } else {
             let kind = ExchangeKind::parse(d.kind.as_str())?;
@@ -203,7 +209,7 @@ impl Conn {
         }
         if let Destination::Queue(q) = &b.destination {
             // 404 and 405 checks for the queue side.
-            self.queue_def(q)?;
+            self.queue_def(q).await?;
         }
         self.node
             .topology

@@ -147,15 +147,26 @@ impl Conn {
             .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
     }
 
+    /// Whether other compute nodes may change this vhost's topology (then a name missing
+    /// from this node's snapshot is looked up again before it is refused).
+    pub(crate) fn in_cluster(&self) -> bool {
+        self.node
+            .membership
+            .as_ref()
+            .is_some_and(|m| m.view().members.len() > 1)
+    }
+
     /// A declared queue (404 if missing, 405 if exclusive to another connection).
-    pub(crate) fn queue_def(&mut self, name: &str) -> Result<Arc<QueueDef>, AmqpError> {
+    pub(crate) async fn queue_def(&mut self, name: &str) -> Result<Arc<QueueDef>, AmqpError> {
         let vhost = self.vhost.clone();
-        let topo = self.refresh_topology().clone();
-        let def = topo
-            .queues
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AmqpError::not_found(format!("no {}", rs("queue", name, &vhost))))?;
+        let mut def = self.refresh_topology().queues.get(name).cloned();
+        if def.is_none() && self.in_cluster() {
+            // Declared on another compute node a moment ago: look again.
+            self.node.topology.refresh_after_miss(&vhost).await?;
+            def = self.refresh_topology().queues.get(name).cloned();
+        }
+        let def =
+            def.ok_or_else(|| AmqpError::not_found(format!("no {}", rs("queue", name, &vhost))))?;
         self.check_exclusive(&def)?;
         Ok(def)
     }

@@ -82,7 +82,7 @@ impl Conn {
             }
             queue::AMQPMethod::Purge(p) => {
                 let name = self.resolve_queue_name(id, p.queue.as_str())?;
-                let def = self.queue_def(&name)?;
+                let def = self.queue_def(&name).await?;
                 let q = self.queue_handle(&def).await?;
                 let (tx, rx) = oneshot::channel();
                 let vhost = self.vhost.clone();
@@ -125,7 +125,7 @@ impl Conn {
             d.queue.to_string()
         };
         let def: Arc<QueueDef> = if d.passive {
-            self.queue_def(&name)?
+            self.queue_def(&name).await?
         } else {
             let what = rs("queue", &name, &vhost);
             let me = self.id;
@@ -199,7 +199,7 @@ impl Conn {
     async fn queue_delete(&mut self, id: u16, d: queue::Delete) -> Result<(), AmqpError> {
         let name = self.resolve_queue_name(id, d.queue.as_str())?;
         let vhost = self.vhost.clone();
-        let def = match self.queue_def(&name) {
+        let def = match self.queue_def(&name).await {
             Ok(def) => Some(def),
             // Deleting a queue that does not exist succeeds, as in RabbitMQ.
             Err(e) if e.code == crate::error::ReplyCode::NotFound => None,
