@@ -13,7 +13,7 @@
 # Environment:
 #   BENCH_DURATION       seconds each run publishes (default 20)
 #   BENCH_DRAIN_TIMEOUT  seconds each run may wait for confirms and consumers (default 30)
-#   BENCH_SCENARIOS      subset of "A1 A4 B1 B4 C1 C4 D1" (default: all)
+#   BENCH_SCENARIOS      subset of "A1 A4 B1 B4 C1 C4 D1 M4 F1 S1" (default: all)
 #   BENCH_REQUIRE_WARREN 1: fail if warren dev does not start (default: record Warren as pending)
 #   BENCH_KEEP_WORKDIR   1: keep the temporary directory with logs and raw results
 #   BENCH_SKIP_BUILD     1: use the existing target/release/warren instead of building
@@ -24,7 +24,7 @@ cd "$ROOT"
 
 DURATION=${BENCH_DURATION:-20}
 DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-30}
-SCENARIOS=${BENCH_SCENARIOS:-"A1 A4 B1 B4 C1 C4 D1"}
+SCENARIOS=${BENCH_SCENARIOS:-"A1 A4 B1 B4 C1 C4 D1 M4 F1 S1"}
 REQUIRE_WARREN=${BENCH_REQUIRE_WARREN:-0}
 KEEP_WORKDIR=${BENCH_KEEP_WORKDIR:-0}
 WARREN_START_TIMEOUT=120
@@ -232,36 +232,61 @@ RABBIT_STARTED=1
 RABBIT_URI=$(scripts/rabbitmq.sh start "$WORK/rabbitmq" "$RPORT" | tail -n 1)
 RABBIT_PID=$(listener_pid "$RPORT")
 
-log "starting warren dev on port $WPORT"
-WARREN_URI=""
-# The journal's debug lines (group commits, files freed) help explain latency outliers.
-RUST_LOG=${RUST_LOG:-info,warren_storage::node::store=debug} \
-    setsid "$WARREN_BIN" dev --data-dir "$WORK/warren-data" --amqp-port "$WPORT" --http-port "$HPORT" \
-    </dev/null >"$WORK/warren.log" 2>&1 &
-WPID=$!
-deadline=$((SECONDS + WARREN_START_TIMEOUT))
-while [ $SECONDS -lt $deadline ]; do
-    WARREN_URI=$(grep -o "amqp://[^ ]*" "$WORK/warren.log" | head -n 1 || true)
-    [ -n "$WARREN_URI" ] && break
-    kill -0 "$WPID" 2>/dev/null || break
-    sleep 0.5
-done
-# Per the AMQP URI spec an empty path names the vhost "", not "/".
-case $WARREN_URI in */) WARREN_URI="${WARREN_URI}%2f" ;; esac
-if [ -z "$WARREN_URI" ]; then
-    log "warren dev did not print its amqp:// URL; last log lines:"
-    tail -n 20 "$WORK/warren.log" >&2 || true
+# Start `warren dev` with the shape a scenario asks for: "single" (3 storage nodes, 1 compute
+# node: the default), "three" (3 compute nodes, one per zone) or "strict" (6 storage nodes, 2
+# per zone, the strict replication profile, 1 compute node). Sets WPID and WARREN_URIS (one
+# --uri per compute node); leaves WARREN_URIS empty if the cluster does not come up.
+WARREN_SHAPE=""
+start_warren() {
+    local shape=$1 flags=""
+    case $shape in
+        single) flags="" ;;
+        three) flags="--compute 3" ;;
+        strict) flags="--storage-per-zone 2 --replication strict" ;;
+        *) log "unknown cluster shape $shape"; exit 2 ;;
+    esac
     stop_warren
-    if [ "$REQUIRE_WARREN" = 1 ]; then
-        exit 1
+    WARREN_SHAPE=$shape
+    WARREN_URIS=""
+    WPORT=$(free_port)
+    log "starting warren dev ($shape) on port $WPORT"
+    rm -rf "$WORK/warren-data"
+    # The journal's debug lines (group commits, files freed) help explain latency outliers.
+    # shellcheck disable=SC2086 # $flags is a word list
+    RUST_LOG=${RUST_LOG:-info,warren_storage::node::store=debug} \
+        setsid "$WARREN_BIN" dev --data-dir "$WORK/warren-data" --amqp-port "$WPORT" --http-port "$HPORT" \
+        $flags </dev/null >"$WORK/warren-$shape.log" 2>&1 &
+    WPID=$!
+    local want=1 urls="" deadline=$((SECONDS + WARREN_START_TIMEOUT))
+    [ "$shape" = three ] && want=3
+    while [ $SECONDS -lt $deadline ]; do
+        urls=$(grep -o "amqp://[^ ]*" "$WORK/warren-$shape.log" | head -n "$want" || true)
+        [ "$(echo "$urls" | grep -c amqp://)" -ge "$want" ] && break
+        urls=""
+        kill -0 "$WPID" 2>/dev/null || break
+        sleep 0.5
+    done
+    if [ -z "$urls" ]; then
+        log "warren dev ($shape) did not print its amqp:// URLs; last log lines:"
+        tail -n 20 "$WORK/warren-$shape.log" >&2 || true
+        stop_warren
+        if [ "$REQUIRE_WARREN" = 1 ]; then
+            exit 1
+        fi
+        log "continuing: Warren's results for this shape are recorded as pending"
+        return 0
     fi
-    log "continuing with RabbitMQ only: Warren's results are recorded as pending"
-fi
+    for url in $urls; do
+        # Per the AMQP URI spec an empty path names the vhost "", not "/".
+        case $url in */) url="${url}%2f" ;; esac
+        WARREN_URIS="$WARREN_URIS --uri $url"
+    done
+}
 
 # One run of `warren bench` against one broker, with the CPU and fsyncs of both brokers.
-# Usage: run_one <label> <broker> <uri> <bench args...>
+# Usage: run_one <label> <broker> "<--uri U [--uri U2 ...]>" <bench args...>
 run_one() {
-    local label=$1 broker=$2 uri=$3
+    local label=$1 broker=$2 uris=$3
     shift 3
     local rabbit_before warren_before rabbit_after warren_after perf_out=""
     rabbit_before=$(tree_cpu "$RABBIT_PID")
@@ -275,7 +300,8 @@ run_one() {
     fi
     log "$label: $broker $*"
     local status=0
-    "$WARREN_BIN" bench --uri "$uri" --duration "$DURATION" --drain-timeout "$DRAIN_TIMEOUT" \
+    # shellcheck disable=SC2086 # $uris is a word list
+    "$WARREN_BIN" bench $uris --duration "$DURATION" --drain-timeout "$DRAIN_TIMEOUT" \
         --quiet --id "$label" --json "$WORK/results/$label.json" "$@" \
         >"$WORK/results/$label.txt" 2>&1 || status=$?
     rabbit_after=$(tree_cpu "$RABBIT_PID")
@@ -322,36 +348,46 @@ json.dump({
 EOF
 }
 
-# (d) scenarios: <id>|<title>|<rabbitmq queue args>|<durable queues>|<bench args>
+# (d) scenarios: <id>|<title>|<rabbitmq queue args>|<durable queues>|<warren shape>|<bench args>
 scenario_line() {
     local durable_common="--persistent --confirm 100 --prefetch 100 --size 1024"
     local transient_common="--confirm 0 --auto-ack --size 1024"
     case $1 in
-        A1) echo "A1|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 1 producer / 1 consumer|x-queue-type=quorum|true|$durable_common -x 1 -y 1" ;;
-        A4) echo "A4|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=quorum|true|$durable_common -x 4 -y 4" ;;
-        B1) echo "B1|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 1 producer / 1 consumer|x-queue-type=classic|true|$durable_common -x 1 -y 1" ;;
-        B4) echo "B4|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|true|$durable_common -x 4 -y 4" ;;
-        C1) echo "C1|transient, no confirms, auto-ack, 1 KB, 1 producer / 1 consumer|x-queue-type=classic|false|$transient_common -x 1 -y 1" ;;
-        C4) echo "C4|transient, no confirms, auto-ack, 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|false|$transient_common -x 4 -y 4" ;;
+        A1) echo "A1|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 1 producer / 1 consumer|x-queue-type=quorum|true|single|$durable_common -x 1 -y 1" ;;
+        A4) echo "A4|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=quorum|true|single|$durable_common -x 4 -y 4" ;;
+        B1) echo "B1|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 1 producer / 1 consumer|x-queue-type=classic|true|single|$durable_common -x 1 -y 1" ;;
+        B4) echo "B4|persistent, confirms (window 100), manual ack (prefetch 100), 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|true|single|$durable_common -x 4 -y 4" ;;
+        C1) echo "C1|transient, no confirms, auto-ack, 1 KB, 1 producer / 1 consumer|x-queue-type=classic|false|single|$transient_common -x 1 -y 1" ;;
+        C4) echo "C4|transient, no confirms, auto-ack, 1 KB, 4 producers / 4 consumers on 4 queues|x-queue-type=classic|false|single|$transient_common -x 4 -y 4" ;;
         # Latency at a moderate fixed rate, where no backlog builds up and end-to-end latency is
         # the broker's own, not queueing behind an unbounded publisher.
-        D1) echo "D1|as A1 at a fixed 1,000 msg/s: latency without backlog|x-queue-type=quorum|true|$durable_common -x 1 -y 1 --rate 1000" ;;
+        D1) echo "D1|as A1 at a fixed 1,000 msg/s: latency without backlog|x-queue-type=quorum|true|single|$durable_common -x 1 -y 1 --rate 1000" ;;
+        # The cluster: Warren runs 3 compute nodes (one per zone) and clients spread over them,
+        # each consumer on a different node from its queue's producer, so most operations are
+        # forwarded to the queue's owner. RabbitMQ is the same single node as above.
+        M4) echo "M4|as A4 with Warren's clients spread over 3 compute nodes (consumers on another node than their producer)|x-queue-type=quorum|true|three|$durable_common -x 4 -y 4 --consumer-uri-offset 1" ;;
+        F1) echo "F1|as A1 with Warren's producer and consumer on different compute nodes of 3 (forwarding cost)|x-queue-type=quorum|true|three|$durable_common -x 1 -y 1 --consumer-uri-offset 1" ;;
+        # The strict replication profile: 6 copies (2 per zone), 4 must ack.
+        S1) echo "S1|as A1 with Warren's strict replication (6 copies over 3 zones, ack 4)|x-queue-type=quorum|true|strict|$durable_common -x 1 -y 1" ;;
         *) log "unknown scenario $1"; exit 2 ;;
     esac
 }
 
 : >"$WORK/scenarios.tsv"
 for id in $SCENARIOS; do
-    IFS='|' read -r sid title rabbit_args durable bench_args <<<"$(scenario_line "$id")"
+    IFS='|' read -r sid title rabbit_args durable shape bench_args <<<"$(scenario_line "$id")"
     printf '%s\t%s\t%s\t%s\n' "$sid" "$title" "$rabbit_args" "$durable" >>"$WORK/scenarios.tsv"
     queues="bench-$sid"
     case $bench_args in *"-x 4"*) queues="bench-$sid-%d --queue-pattern-to 4" ;; esac
     # shellcheck disable=SC2086 # word splitting of the argument lists is intended
-    run_one "$sid-rabbitmq" rabbitmq "$RABBIT_URI" $bench_args --queues $queues \
+    run_one "$sid-rabbitmq" rabbitmq "--uri $RABBIT_URI" $bench_args --queues $queues \
         --queue-durable "$durable" --queue-args "$rabbit_args"
-    if [ -n "$WARREN_URI" ]; then
+    if [ "$shape" != "$WARREN_SHAPE" ]; then
+        start_warren "$shape"
+    fi
+    if [ -n "$WARREN_URIS" ]; then
         # shellcheck disable=SC2086
-        run_one "$sid-warren" warren "$WARREN_URI" $bench_args --queues $queues \
+        run_one "$sid-warren" warren "$WARREN_URIS" $bench_args --queues $queues \
             --queue-durable "$durable"
     fi
 done
