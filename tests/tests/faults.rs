@@ -57,10 +57,13 @@ async fn harness<T: Send + 'static>(
 ) -> T {
     let dev = dev.clone();
     let what_owned = what.to_string();
-    tokio::task::spawn_blocking(move || f(&dev))
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || f(&dev))
         .await
         .unwrap()
-        .unwrap_or_else(|e| panic!("{what_owned}: {e:#}"))
+        .unwrap_or_else(|e| panic!("{what_owned}: {e:#}"));
+    eprintln!("harness: {what} took {:?}", started.elapsed());
+    out
 }
 
 /// The workload every scenario runs: two producers and two consumers over the cluster's
