@@ -31,6 +31,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_port_range(n):
+    """The first of n consecutive free loopback ports (released before use)."""
+    for _ in range(100):
+        first = free_port()
+        ok = True
+        for port in range(first + 1, first + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok and first + n <= 65536:
+            return first
+    raise RuntimeError(f"found no {n} consecutive free ports")
+
+
 def normalize_url(url):
     """Read a URL whose path is a lone '/' as naming the default vhost '/'."""
     url = url.strip()
@@ -54,9 +71,15 @@ def parse_url(url):
 
 
 class WarrenDev:
-    """A `warren dev` cluster in its own process group."""
+    """A `warren dev` cluster in its own process group.
 
-    def __init__(self):
+    With ``compute=N`` it runs N compute nodes over ``zones`` zones (``warren dev --compute N
+    --zones Z``); ``urls`` then holds one URL per compute node, compute-0 first.
+    """
+
+    def __init__(self, compute=1, zones=3, extra_args=()):
+        self.compute = compute
+        self.zones = zones
         self.root = tempfile.mkdtemp(prefix="warren-pytest-")
         self.bin = os.environ.get("WARREN_BIN", str(ROOT / "target" / "debug" / "warren"))
         if not os.path.exists(self.bin):
@@ -70,9 +93,11 @@ class WarrenDev:
                 "/bin/sh", str(ROOT / "tests" / "warren-dev-guard.sh"),
                 self.bin, "dev",
                 "--data-dir", os.path.join(self.root, "data"),
-                "--amqp-port", str(free_port()),
+                "--amqp-port", str(free_port_range(compute)),
                 "--http-port", str(free_port()),
-            ],
+            ]
+            + (["--compute", str(compute), "--zones", str(zones)] if compute != 1 or zones != 3 else [])
+            + list(extra_args),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -88,15 +113,54 @@ class WarrenDev:
             lines.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        try:
-            line = lines.get(timeout=READY_TIMEOUT)
-        except queue.Empty:
-            line = None
-        if line is None:
-            tail = self.log_tail()
-            self.stop()
-            raise RuntimeError(f"warren dev printed no amqp:// URL; log tail:\n{tail}")
-        self.url = normalize_url(line)
+        self.urls = []
+        deadline = time.monotonic() + READY_TIMEOUT
+        while len(self.urls) < compute:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"warren dev printed no amqp:// URL; log tail:\n{tail}")
+            self.urls.append(normalize_url(line))
+        self.url = self.urls[0]
+
+    def pid_of(self, name):
+        """The pid `warren dev` recorded for a node, e.g. ``pid_of("compute-1")``."""
+        with open(os.path.join(self.root, "data", "run", f"{name}.pid")) as f:
+            return int(f.read().strip())
+
+    def zone_of(self, name):
+        """The zone of a node (compute-i and storage-i run in zone i mod zones)."""
+        i = int(name.rsplit("-", 1)[1])
+        return "zone-" + chr(ord("a") + i % self.zones)
+
+    def compute_of_port(self, port):
+        """The name of the compute node listening on an AMQP port."""
+        for i, url in enumerate(self.urls):
+            if parse_url(url)[1] == port:
+                return f"compute-{i}"
+        raise KeyError(f"no compute node on port {port}")
+
+    def kill(self, name):
+        """SIGKILL one node of this cluster and wait until it is gone."""
+        pid = self.pid_of(name)
+        # Only a member of this cluster's process group, never a recycled pid.
+        if os.getpgid(pid) != self.proc.pid:
+            raise RuntimeError(f"{name} (pid {pid}) is not part of this cluster")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        return
+            except (OSError, IndexError):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{name} (pid {pid}) did not die")
 
     def log_tail(self, n=40):
         try:
@@ -133,6 +197,18 @@ def amqp_url():
     dev = WarrenDev()
     try:
         yield dev.url
+    finally:
+        dev.stop()
+
+
+@pytest.fixture
+def cluster3():
+    """A fresh three-zone cluster with one compute node per zone, for tests that kill nodes."""
+    if os.environ.get("WARREN_TEST_AMQP_URL"):
+        pytest.skip("needs process control of a warren dev cluster")
+    dev = WarrenDev(compute=3, zones=3)
+    try:
+        yield dev
     finally:
         dev.stop()
 
