@@ -143,6 +143,28 @@ pub(crate) async fn repair_log(
     if m.deleted || todo.is_empty() {
         return Ok((report, Some(m)));
     }
+    // A refill cannot finish while a member is down (until it is evicted, when its copies
+    // move instead): do not claim the log only to find that out.
+    let mut workable = 0;
+    for s in m.segments.iter().filter(|s| todo.contains(&s.id)) {
+        let refill_only = segment_needs(s, gone).is_some_and(|n| n.replace.is_empty());
+        let mut reachable = true;
+        if refill_only {
+            for node in &s.ensemble {
+                if client.node_conn(*node).await.is_err() {
+                    reachable = false;
+                    break;
+                }
+            }
+        }
+        if reachable {
+            workable += 1;
+        }
+    }
+    if workable == 0 {
+        report.pending = todo.len();
+        return Ok((report, Some(m)));
+    }
     let me = client.config.node_id;
     let verdict = {
         let mut claims = client.repair_claims();
@@ -236,6 +258,9 @@ pub(crate) async fn repair_log(
                         "log {log} repair claim lost"
                     )));
                 }
+                if d.deleted {
+                    return Err(StorageError::NotFound(format!("log {log} was deleted")));
+                }
                 if let Some(s) = d.segments.iter_mut().find(|s| s.id == seg.id) {
                     for (i, old, new) in &outcome.swaps {
                         if s.ensemble.get(*i) == Some(old) && !s.ensemble.contains(new) {
@@ -253,6 +278,18 @@ pub(crate) async fn repair_log(
                 Ok(Some(meta::encode(&d)))
             })
             .await;
+        let kept = matches!(&written, Ok(Ok(w)) if decode_meta(w.as_ref())
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.segments.iter().any(|s| s.id == seg.id)));
+        if !kept && matches!(&written, Ok(Ok(_)) | Ok(Err(StorageError::NotFound(_)))) {
+            // Trimmed or deleted meanwhile: the new copies are nobody's.
+            for (_, _, node) in &outcome.swaps {
+                let _ = client
+                    .node_request(*node, Request::Delete { segment: seg.id.0 })
+                    .await;
+            }
+        }
         match written {
             Ok(Ok(w)) => {
                 if let Some(d) = decode_meta(w.as_ref())? {
@@ -275,7 +312,8 @@ pub(crate) async fn repair_log(
                 );
             }
             Ok(Err(e)) | Err(e) => {
-                // The copies stay where they are: the next pass finds them and only swaps.
+                // The next pass copies again (to the same node, most likely: appends of an
+                // entry it holds are harmless).
                 tracing::debug!(%log, segment = %seg.id, error = %e, "repair could not record its swap");
                 report.pending += todo.len() - done;
                 break;
@@ -329,6 +367,20 @@ async fn repair_segment(
 ) -> Result<SegmentOutcome, StorageError> {
     let end = seg.end.unwrap_or(0);
     let n = seg.ensemble.len();
+    if needs.replace.is_empty() {
+        // Only a refill, which cannot finish while a member is down: check before reading
+        // every member's entries, since a down member may stay down until it is evicted.
+        for node in &seg.ensemble {
+            if let Err(e) = client.node_conn(*node).await {
+                tracing::debug!(segment = %seg.id, %node, error = %e, "refill waits for a member");
+                return Ok(SegmentOutcome {
+                    swaps: Vec::new(),
+                    copied: 0,
+                    complete: false,
+                });
+            }
+        }
+    }
     // What each member still reachable holds.
     let mut present: Vec<Option<BTreeSet<u64>>> = vec![None; n];
     let mut calls = JoinSet::new();
