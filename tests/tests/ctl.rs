@@ -204,6 +204,18 @@ async fn ctl_lists_the_cluster_and_evicts_a_compute_node_that_comes_back() {
     });
     serves(dev.amqp_url(), "after-evict").await;
 
+    // A restart keeps the identity (one record per name) and takes the next generation.
+    dev.kill("compute-0").unwrap();
+    dev.restart_node("compute-0").unwrap();
+    let rows = eventually("compute-0 restarted", || {
+        let rows = nodes(&dir);
+        let c = node(&rows, "compute-0")?;
+        (c["state"] == "active" && c["generation"] == 4).then_some(rows)
+    });
+    assert_eq!(rows.iter().filter(|r| r["name"] == "compute-0").count(), 1);
+    assert_eq!(node(&rows, "compute-0").unwrap()["id"], did["id"]);
+    serves(dev.amqp_url(), "after-restart").await;
+
     let out = ctl(&dir, &["evict", "compute-9"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("compute-9"));
