@@ -34,7 +34,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use warren_common::{Epoch, Generation, NodeId, SegmentId, Zone};
 use warren_storage::meta::{ComputeRecord, ComputeRegistry, LogMeta, MemberState, SegmentMeta};
 use warren_storage::protocol::ownership::{
-    self, Lapsed, LeaseObserver, Seal, Takeover, TakeoverAction, TakeoverFailure,
+    self, Lapsed, LeaseObserver, Seal, Standing, Takeover, TakeoverAction, TakeoverFailure,
 };
 use warren_storage::protocol::placement::{Candidate, choose_ensemble};
 use warren_storage::protocol::quorum::{AppendQuorum, SendEntry};
@@ -51,6 +51,11 @@ const STEPS: usize = 2000;
 const TRACE: usize = 80;
 const LOSS_PERCENT: u32 = 3;
 const MAX_IN_FLIGHT: usize = 8;
+const MAX_PROCS: usize = 6;
+/// Seeds per scenario for the protocol as designed.
+const SEEDS: u64 = 300;
+/// Seeds per scenario for each deliberately broken protocol.
+const BROKEN_SEEDS: u64 = 30;
 
 /// Which faults the schedule favours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +138,7 @@ enum RegOp {
 #[derive(Clone, Debug)]
 enum RegResult {
     Joined(Generation),
-    Renewed(bool),
+    Renewed(Standing),
     Read(ComputeRegistry, Vec<LogMeta>),
     Done,
     Raised(Result<LogMeta, TakeoverFailure>),
@@ -342,9 +347,11 @@ struct Stats {
     stale_refused: u64,
     evictions: u64,
     self_evicted: u64,
+    superseded: u64,
     paused_owner_evicted: u64,
     resumed_owner_fenced: u64,
     duel_steps: u64,
+    dual_writer_steps: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -356,9 +363,11 @@ impl std::ops::AddAssign for Stats {
         self.stale_refused += o.stale_refused;
         self.evictions += o.evictions;
         self.self_evicted += o.self_evicted;
+        self.superseded += o.superseded;
         self.paused_owner_evicted += o.paused_owner_evicted;
         self.resumed_owner_fenced += o.resumed_owner_fenced;
         self.duel_steps += o.duel_steps;
+        self.dual_writer_steps += o.dual_writer_steps;
     }
 }
 
@@ -377,6 +386,13 @@ enum Ev {
     },
     SelfEvicted {
         p: usize,
+    },
+    Superseded {
+        p: usize,
+    },
+    Replaced {
+        old: usize,
+        new: usize,
     },
     Evicted {
         by: usize,
@@ -914,6 +930,20 @@ impl Sim {
         }
     }
 
+    fn judge_self(&mut self, p: usize, standing: Standing) {
+        match standing {
+            Standing::Member => {}
+            Standing::Evicted => self.self_evicted(p),
+            Standing::Superseded(_) => {
+                // A replacement runs under this identity: this process exits.
+                self.stats.superseded += 1;
+                self.ev(Ev::Superseded { p });
+                self.stop_all(p);
+                self.procs[p].status = Status::Crashed;
+            }
+        }
+    }
+
     fn self_evicted(&mut self, p: usize) {
         self.stats.self_evicted += 1;
         self.ev(Ev::SelfEvicted { p });
@@ -937,10 +967,10 @@ impl Sim {
                 }
             }
             RegOp::Renew(g) => {
-                if let Some(RegResult::Renewed(false)) = result
+                if let Some(RegResult::Renewed(standing)) = result
                     && self.procs[p].generation == Some(g)
                 {
-                    self.self_evicted(p);
+                    self.judge_self(p, standing);
                 }
             }
             RegOp::Read => {
@@ -982,8 +1012,8 @@ impl Sim {
         };
         let pr = &mut self.procs[p];
         let obs = pr.observer.observe(pr.clock, pr.id, g, &reg);
-        if obs.evicted {
-            self.self_evicted(p);
+        if obs.standing != Standing::Member {
+            self.judge_self(p, obs.standing);
             return;
         }
         pr.view = obs.live;
@@ -1497,6 +1527,26 @@ impl Sim {
         self.ev(Ev::Restart { p });
     }
 
+    /// A supervisor gives up on a stopped process and starts another under the same node
+    /// id; the stopped one may wake up later, a zombie with the old generation.
+    fn replace_paused(&mut self) {
+        let ps: Vec<usize> = (0..self.procs.len())
+            .filter(|p| matches!(self.procs[*p].status, Status::Paused { .. }))
+            .collect();
+        if ps.is_empty() || self.procs.len() >= MAX_PROCS {
+            return;
+        }
+        let p = ps[self.rng.random_range(0..ps.len())];
+        let old = &self.procs[p];
+        let clock = self.rng.random_range(0..1_000_000);
+        let new = Proc::new(old.id, old.zone, old.rate, 0, clock);
+        self.procs.push(new);
+        self.ev(Ev::Replaced {
+            old: p,
+            new: self.procs.len() - 1,
+        });
+    }
+
     fn fault(&mut self, r: u32) {
         let s = self.scenario;
         match r {
@@ -1519,6 +1569,7 @@ impl Sim {
             56..=61 => self.crash_store(),
             62..=80 => self.restart_store(),
             81..=85 => self.force(),
+            86..=87 => self.replace_paused(),
             _ => match s {
                 Scenario::DuelingOwners if r < 115 => self.force(),
                 Scenario::PausedOwner if r < 100 => self.pause(true),
@@ -1563,13 +1614,26 @@ impl Sim {
             }
         }
         for log in 0..LOGS {
-            let holders = self
-                .procs
-                .iter()
-                .filter(|p| p.status != Status::Crashed && !matches!(p.holds[log], Hold::Idle))
-                .count();
+            let mut holders = 0;
+            let mut writers = 0;
+            for p in &self.procs {
+                if p.status == Status::Crashed {
+                    continue;
+                }
+                match p.holds[log] {
+                    Hold::Idle => {}
+                    Hold::Taking { .. } => holders += 1,
+                    Hold::Writing { .. } => {
+                        holders += 1;
+                        writers += 1;
+                    }
+                }
+            }
             if holders >= 2 {
                 self.stats.duel_steps += 1;
+            }
+            if writers >= 2 {
+                self.stats.dual_writer_steps += 1;
             }
         }
     }
@@ -1950,7 +2014,7 @@ fn seeds(n: u64) -> Vec<u64> {
     }
 }
 
-fn run_seeds(scenario: Scenario, n: u64) -> Stats {
+fn run_seeds(test: &str, scenario: Scenario, n: u64) -> Stats {
     let mut total = Stats::default();
     let seeds = seeds(n);
     for seed in &seeds {
@@ -1958,7 +2022,7 @@ fn run_seeds(scenario: Scenario, n: u64) -> Stats {
             Ok(s) => total += s,
             Err(e) => panic!(
                 "{e}\nreplay: OWNERSHIP_SIM_SEED={seed} cargo test -p warren-storage --test \
-                 ownership_sim"
+                 ownership_sim {test} -- --nocapture"
             ),
         }
     }
@@ -1966,56 +2030,83 @@ fn run_seeds(scenario: Scenario, n: u64) -> Stats {
     total
 }
 
-/// How many seeds until a broken protocol is caught, printing the first failure.
-fn first_failure(protocol: Protocol, scenario: Scenario, n: u64) -> Option<u64> {
-    for seed in 0..n {
-        if let Err(e) = run(seed, scenario, protocol) {
-            eprintln!("{protocol:?} caught:\n{e}");
-            return Some(seed);
+/// Run a broken protocol over `n` seeds of every scenario: how many seeds of each caught
+/// it, and the first failure (printed).
+fn caught(protocol: Protocol, n: u64) -> Vec<(Scenario, u64)> {
+    let mut out = Vec::new();
+    let mut first = None;
+    for scenario in SCENARIOS {
+        let mut count = 0;
+        for seed in 0..n {
+            if let Err(e) = run(seed, scenario, protocol) {
+                count += 1;
+                first.get_or_insert(e);
+            }
         }
+        out.push((scenario, count));
     }
-    None
+    eprintln!(
+        "{protocol:?} caught in {out:?} of {n} seeds each; first failure:\n{}",
+        first.unwrap_or_default()
+    );
+    out
 }
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario::Mixed,
+    Scenario::DuelingOwners,
+    Scenario::PausedOwner,
+    Scenario::FenceDuringRecovery,
+];
 
 #[test]
 fn ownership_holds_under_mixed_faults() {
-    let s = run_seeds(Scenario::Mixed, 300);
-    if replaying() {
-        return;
-    }
-    {
-        assert!(s.acked > 3_000, "too few acknowledgements: {s:?}");
+    let s = run_seeds("ownership_holds_under_mixed_faults", Scenario::Mixed, SEEDS);
+    if !replaying() {
+        assert!(s.acked > 10_000, "too few acknowledgements: {s:?}");
         assert!(s.owned > 500, "too few completed takeovers: {s:?}");
         assert!(s.evictions > 100, "too few evictions: {s:?}");
-        assert!(s.self_evicted > 10, "no evicted process learned it: {s:?}");
+        assert!(
+            s.self_evicted > 10,
+            "evicted processes rarely learned it: {s:?}"
+        );
+        assert!(
+            s.superseded > 10,
+            "replaced processes rarely woke up: {s:?}"
+        );
     }
 }
 
 #[test]
 fn dueling_owners_never_both_append() {
-    let s = run_seeds(Scenario::DuelingOwners, 300);
-    if replaying() {
-        return;
-    }
-    {
-        assert!(s.duel_steps > 10_000, "owners rarely dueled: {s:?}");
+    let s = run_seeds(
+        "dueling_owners_never_both_append",
+        Scenario::DuelingOwners,
+        SEEDS,
+    );
+    if !replaying() {
+        assert!(
+            s.dual_writer_steps > 1_000,
+            "two writers rarely coexisted: {s:?}"
+        );
         assert!(s.stale_refused > 200, "stale owners rarely fenced: {s:?}");
     }
 }
 
 #[test]
 fn lease_expiry_while_paused_fences_the_resumed_owner() {
-    let s = run_seeds(Scenario::PausedOwner, 300);
-    if replaying() {
-        return;
-    }
-    {
+    let s = run_seeds(
+        "lease_expiry_while_paused_fences_the_resumed_owner",
+        Scenario::PausedOwner,
+        SEEDS,
+    );
+    if !replaying() {
         assert!(
-            s.paused_owner_evicted > 50,
+            s.paused_owner_evicted > 100,
             "paused owners rarely evicted: {s:?}"
         );
         assert!(
-            s.resumed_owner_fenced > 20,
+            s.resumed_owner_fenced > 50,
             "resumed owners rarely fenced: {s:?}"
         );
     }
@@ -2023,13 +2114,14 @@ fn lease_expiry_while_paused_fences_the_resumed_owner() {
 
 #[test]
 fn a_third_owner_fences_an_owner_still_recovering() {
-    let s = run_seeds(Scenario::FenceDuringRecovery, 300);
-    if replaying() {
-        return;
-    }
-    {
+    let s = run_seeds(
+        "a_third_owner_fences_an_owner_still_recovering",
+        Scenario::FenceDuringRecovery,
+        SEEDS,
+    );
+    if !replaying() {
         assert!(
-            s.recovery_overtaken > 100,
+            s.recovery_overtaken > 200,
             "recoveries rarely overtaken: {s:?}"
         );
     }
@@ -2037,15 +2129,20 @@ fn a_third_owner_fences_an_owner_still_recovering() {
 
 #[test]
 fn an_owner_that_skips_fencing_is_caught() {
-    let seed = first_failure(Protocol::SkipFence, Scenario::DuelingOwners, 200);
-    assert!(
-        seed.is_some(),
-        "200 seeds never caught an unfenced takeover"
-    );
+    for (scenario, n) in caught(Protocol::SkipFence, BROKEN_SEEDS) {
+        assert!(
+            n > 0,
+            "{scenario:?}: {BROKEN_SEEDS} seeds never caught an unfenced takeover"
+        );
+    }
 }
 
 #[test]
 fn an_epoch_written_without_compare_and_swap_is_caught() {
-    let seed = first_failure(Protocol::BlindEpoch, Scenario::DuelingOwners, 200);
-    assert!(seed.is_some(), "200 seeds never caught a blind epoch write");
+    for (scenario, n) in caught(Protocol::BlindEpoch, BROKEN_SEEDS) {
+        assert!(
+            n > 0,
+            "{scenario:?}: {BROKEN_SEEDS} seeds never caught a blind epoch write"
+        );
+    }
 }

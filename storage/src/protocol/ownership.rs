@@ -18,6 +18,7 @@ use crate::protocol::recovery::{
 struct Seen {
     generation: Generation,
     heartbeat: u64,
+    state: MemberState,
     since_ms: u64,
 }
 
@@ -41,9 +42,34 @@ pub struct Observation {
     pub live: BTreeSet<NodeId>,
     /// Members to evict.
     pub lapsed: Vec<Lapsed>,
-    /// The observer itself is no longer a member at its generation: it must stop every
-    /// queue it owns and join again with a fresh generation.
-    pub evicted: bool,
+    /// Where the observer itself stands.
+    pub standing: Standing,
+}
+
+/// Where a process stands in the registry, by its own generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Standing {
+    /// Active (or leaving) at its generation.
+    #[default]
+    Member,
+    /// Evicted, or its record is gone: stop every queue it owns, drop its clients, and join
+    /// again with a fresh generation.
+    Evicted,
+    /// A newer process registered under the same node id (this one was stopped and
+    /// replaced): stop serving for good.
+    Superseded(Generation),
+}
+
+fn standing(registry: &ComputeRegistry, id: NodeId, generation: Generation) -> Standing {
+    match registry.nodes.get(&id) {
+        Some(r) if r.generation == generation && r.state != MemberState::Evicted => {
+            Standing::Member
+        }
+        Some(r) if r.generation > generation && r.state != MemberState::Evicted => {
+            Standing::Superseded(r.generation)
+        }
+        _ => Standing::Evicted,
+    }
 }
 
 /// Judges other members' leases without comparing clocks across nodes: a member whose
@@ -75,32 +101,34 @@ impl LeaseObserver {
         my_generation: Generation,
         registry: &ComputeRegistry,
     ) -> Observation {
-        let mut out = Observation::default();
+        let mut out = Observation {
+            standing: standing(registry, me, my_generation),
+            ..Observation::default()
+        };
         self.seen.retain(|id, _| registry.nodes.contains_key(id));
         for (id, rec) in &registry.nodes {
             if *id == me {
-                if rec.generation == my_generation && rec.state == MemberState::Active {
+                if out.standing == Standing::Member && rec.state == MemberState::Active {
                     out.live.insert(me);
-                } else if rec.generation != my_generation || rec.state == MemberState::Evicted {
-                    out.evicted = true;
                 }
                 continue;
             }
-            if rec.state == MemberState::Evicted {
-                self.seen.remove(id);
-                continue;
-            }
-            let seen = self.seen.entry(*id).or_insert(Seen {
+            let now = Seen {
                 generation: rec.generation,
                 heartbeat: rec.heartbeat,
+                state: rec.state,
                 since_ms: now_ms,
-            });
-            if seen.generation != rec.generation || seen.heartbeat != rec.heartbeat {
-                *seen = Seen {
-                    generation: rec.generation,
-                    heartbeat: rec.heartbeat,
-                    since_ms: now_ms,
-                };
+            };
+            let seen = self.seen.entry(*id).or_insert(now);
+            if (seen.generation, seen.heartbeat, seen.state)
+                != (rec.generation, rec.heartbeat, rec.state)
+            {
+                *seen = now;
+            }
+            // Only Active members own queues, and only they are evicted: a Leaving one
+            // hands its queues off and removes itself.
+            if rec.state != MemberState::Active {
+                continue;
             }
             if now_ms.saturating_sub(seen.since_ms) >= self.lease_ms {
                 out.lapsed.push(Lapsed {
@@ -108,12 +136,9 @@ impl LeaseObserver {
                     generation: rec.generation,
                     heartbeat: rec.heartbeat,
                 });
-            } else if rec.state == MemberState::Active {
+            } else {
                 out.live.insert(*id);
             }
-        }
-        if !registry.nodes.contains_key(&me) {
-            out.evicted = true;
         }
         out
     }
@@ -132,14 +157,14 @@ pub fn join(registry: &mut ComputeRegistry, id: NodeId, mut record: ComputeRecor
 }
 
 /// Registry change for a lease renewal: raise the heartbeat if the member still runs at
-/// `generation` and was not evicted. `false`: the caller was evicted and must rejoin.
-pub fn renew(registry: &mut ComputeRegistry, id: NodeId, generation: Generation) -> bool {
+/// `generation`, Active, and say where it stands otherwise (then nothing changes).
+pub fn renew(registry: &mut ComputeRegistry, id: NodeId, generation: Generation) -> Standing {
     match registry.nodes.get_mut(&id) {
-        Some(rec) if rec.generation == generation && rec.state != MemberState::Evicted => {
+        Some(rec) if rec.generation == generation && rec.state == MemberState::Active => {
             rec.heartbeat += 1;
-            true
+            Standing::Member
         }
-        _ => false,
+        _ => standing(registry, id, generation),
     }
 }
 
@@ -517,8 +542,8 @@ mod tests {
         let mut obs = LeaseObserver::new(300);
         let o = obs.observe(1_000, a, ga, &reg);
         assert_eq!(o.live, [a, b].into());
-        assert!(o.lapsed.is_empty() && !o.evicted);
-        assert!(renew(&mut reg, b, gb));
+        assert!(o.lapsed.is_empty() && o.standing == Standing::Member);
+        assert_eq!(renew(&mut reg, b, gb), Standing::Member);
         let o = obs.observe(1_299, a, ga, &reg);
         assert!(o.live.contains(&b), "renewed at 1299: a fresh lease");
         let o = obs.observe(1_599, a, ga, &reg);
@@ -526,25 +551,29 @@ mod tests {
         assert!(!o.live.contains(&b));
         // B renews before the eviction lands: the eviction must not apply.
         let stale = o.lapsed[0];
-        assert!(renew(&mut reg, b, gb));
+        assert_eq!(renew(&mut reg, b, gb), Standing::Member);
         assert!(!evict(&mut reg, &stale));
         let o = obs.observe(2_000, a, ga, &reg);
         let lapsed = obs.observe(2_300, a, ga, &reg).lapsed;
         assert!(o.live.contains(&b));
         assert!(evict(&mut reg, &lapsed[0]));
         assert!(!evict(&mut reg, &lapsed[0]), "idempotent");
-        assert!(
-            !renew(&mut reg, b, gb),
+        assert_eq!(
+            renew(&mut reg, b, gb),
+            Standing::Evicted,
             "an evicted member learns it at renewal"
         );
         let mut obs_b = LeaseObserver::new(300);
-        assert!(obs_b.observe(0, b, gb, &reg).evicted);
+        assert_eq!(obs_b.observe(0, b, gb, &reg).standing, Standing::Evicted);
         let gb2 = join(&mut reg, b, record());
         assert!(
             gb2.0 > gb.0 + 1,
             "rejoining skips the generation eviction burned"
         );
-        assert!(!obs_b.observe(0, b, gb2, &reg).evicted);
+        assert_eq!(obs_b.observe(0, b, gb2, &reg).standing, Standing::Member);
+        // A process stopped and replaced under the same id learns it is superseded.
+        let gb3 = join(&mut reg, b, record());
+        assert_eq!(renew(&mut reg, b, gb2), Standing::Superseded(gb3));
     }
 
     #[test]
@@ -566,6 +595,10 @@ mod tests {
         assert!(moved > 0);
         assert!(counts.values().all(|c| *c > 50), "skewed: {counts:?}");
         assert_eq!(owner_of(&[], "q"), None);
+        // The same golden value as compute's `cluster::ownership::score`: every node, of
+        // every release, must pick the same owner.
+        let n = NodeId(uuid::Uuid::from_u128(0x1234_5678_9abc_def1));
+        assert_eq!(rendezvous_score("/\u{0}orders", &n), 0xfc31_09d3_b0c9_1bfc);
         let live: BTreeSet<NodeId> = all.iter().copied().collect();
         let winner = owner_of(&live, "q").unwrap();
         let other = *all.iter().find(|n| **n != winner).unwrap();
