@@ -69,8 +69,24 @@ async fn harness<T: Send + 'static>(
 /// The workload every scenario runs: two producers and two consumers over the cluster's
 /// compute nodes, client `i` starting at compute node `i mod n`.
 async fn start_workload(dev: &Dev, scenario: &str) -> Workload {
-    let queue = unique_name(scenario);
-    let config = WorkloadConfig::new(dev.amqp_urls().to_vec(), &queue);
+    start_workload_on(dev, scenario, &unique_name(scenario)).await
+}
+
+/// [`start_workload`] on a queue that `owner` owns (when the cluster has membership, and
+/// with it rendezvous ownership), so that the fault hits the queue's owner.
+async fn start_workload_owned(dev: &Dev, scenario: &str, owner: &str) -> Workload {
+    let queue = if has_membership() {
+        queue_owned_by(dev, scenario, owner)
+    } else {
+        unique_name(scenario)
+    };
+    eprintln!("{scenario}: queue {queue}, meant to be owned by {owner}");
+    start_workload_on(dev, scenario, &queue).await
+}
+
+/// [`start_workload`] on a given queue.
+async fn start_workload_on(dev: &Dev, scenario: &str, queue: &str) -> Workload {
+    let config = WorkloadConfig::new(dev.amqp_urls().to_vec(), queue);
     let workload = Workload::start(config).await.unwrap();
     assert!(
         workload.wait_for_confirms(WARMUP, PROGRESS_LIMIT).await,
@@ -185,7 +201,7 @@ async fn zone_loss() {
         // compute-0 in zone-a, compute-1 in zone-b: losing zone-b loses storage-1 and
         // compute-1 and every client connected to compute-1.
         let dev = cluster(ClusterOpts::new(2, 3)).await;
-        let workload = start_workload(&dev, NAME).await;
+        let workload = start_workload_owned(&dev, NAME, "compute-1").await;
         workload.fault("kill -9 zone-b (storage-1, compute-1)");
         let killed = harness(&dev, "kill zone-b", |d| d.kill_zone("zone-b")).await;
         assert_eq!(killed.len(), 2, "zone-b held {killed:?}");
@@ -212,7 +228,7 @@ async fn zone_partition() {
     }
     bounded(NAME, async {
         let dev = cluster(ClusterOpts::new(2, 3)).await;
-        let workload = start_workload(&dev, NAME).await;
+        let workload = start_workload_owned(&dev, NAME, "compute-1").await;
         let isolated = ["storage-1", "compute-1"];
         let pids: Vec<u32> = isolated.iter().map(|n| dev.pid_of(n).unwrap()).collect();
         workload.fault("partition zone-b (storage-1, compute-1) from the rest");
@@ -230,29 +246,91 @@ async fn zone_partition() {
 
 // ---- compute faults ------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn compute_node_kill9() {
-    const NAME: &str = "compute-node-kill9";
-    if !has_multi_compute() {
-        return skip(NAME, "several compute nodes (`warren dev --compute`)");
+/// The active compute members (name, id) as `warren ctl nodes` lists them.
+fn compute_members(dev: &WarrenDev) -> Vec<(String, warren_common::NodeId)> {
+    let out = std::process::Command::new(warren_bin().unwrap())
+        .arg("ctl")
+        .arg("--data-dir")
+        .arg(dev.data_dir())
+        .args(["nodes", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warren ctl nodes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    nodes
+        .iter()
+        .filter(|n| n["role"] == "compute" && n["state"] == "active")
+        .map(|n| {
+            let id = n["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap();
+            (
+                n["name"].as_str().unwrap().to_string(),
+                warren_common::NodeId(id),
+            )
+        })
+        .collect()
+}
+
+/// A fresh queue name whose owner, by rendezvous hashing over the live compute members (as
+/// every compute node computes it), is `owner`.
+fn queue_owned_by(dev: &WarrenDev, scenario: &str, owner: &str) -> String {
+    use warren_compute::cluster::ownership::{queue_key, rendezvous};
+    let members = compute_members(dev);
+    assert!(
+        members.len() >= 2,
+        "{scenario}: expected every compute node to be a member: {members:?}"
+    );
+    let want = members
+        .iter()
+        .find(|(name, _)| name == owner)
+        .unwrap_or_else(|| panic!("{owner} is not a member: {members:?}"))
+        .1;
+    loop {
+        let queue = unique_name(scenario);
+        let ids = members.iter().map(|(_, id)| id);
+        if rendezvous(ids, &queue_key("/", &queue)) == Some(want) {
+            return queue;
+        }
     }
-    bounded(NAME, async {
-        let dev = cluster(ClusterOpts::new(2, 3)).await;
-        let workload = start_workload(&dev, NAME).await;
-        workload.fault("kill -9 compute-1");
-        harness(&dev, "kill compute-1", |d| d.kill("compute-1")).await;
-        progress(&workload, NAME, "after the kill").await;
-        harness(&dev, "restart compute-1", |d| d.restart_node("compute-1")).await;
-        workload.heal("compute-1 restarted");
-        progress(&workload, NAME, "after the restart").await;
-        conclude(NAME, workload).await;
-    })
-    .await;
+}
+
+/// Kill -9 compute-1 under load and restart it, with the workload's queue owned by `owner`.
+async fn compute_kill(scenario: &str, owner: &str) {
+    let dev = cluster(ClusterOpts::new(2, 3)).await;
+    let workload = start_workload_owned(&dev, scenario, owner).await;
+    workload.fault(&format!("kill -9 compute-1 ({owner} owns the queue)"));
+    harness(&dev, "kill compute-1", |d| d.kill("compute-1")).await;
+    progress(&workload, scenario, "after the kill").await;
+    harness(&dev, "restart compute-1", |d| d.restart_node("compute-1")).await;
+    workload.heal("compute-1 restarted");
+    progress(&workload, scenario, "after the restart").await;
+    conclude(scenario, workload).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compute_node_kill9_owner() {
+    const NAME: &str = "compute-node-kill9-owner";
+    if !has_multi_compute() || !has_membership() {
+        return skip(NAME, "several compute nodes with membership (`warren ctl`)");
+    }
+    bounded(NAME, compute_kill(NAME, "compute-1")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compute_node_kill9_non_owner() {
+    const NAME: &str = "compute-node-kill9-non-owner";
+    if !has_multi_compute() || !has_membership() {
+        return skip(NAME, "several compute nodes with membership (`warren ctl`)");
+    }
+    bounded(NAME, compute_kill(NAME, "compute-0")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compute_node_paused_beyond_its_lease() {
-    const NAME: &str = "compute-node-paused";
+    const NAME: &str = "compute-node-paused-beyond-its-lease";
     if !has_multi_compute() {
         return skip(NAME, "several compute nodes (`warren dev --compute`)");
     }
@@ -261,7 +339,7 @@ async fn compute_node_paused_beyond_its_lease() {
     }
     bounded(NAME, async {
         let dev = cluster(ClusterOpts::new(2, 3)).await;
-        let workload = start_workload(&dev, NAME).await;
+        let workload = start_workload_owned(&dev, NAME, "compute-1").await;
         let paused_url = dev.url_of("compute-1").unwrap();
         workload.fault("SIGSTOP compute-1 beyond its lease");
         harness(&dev, "pause compute-1", |d| d.pause("compute-1")).await;

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Warren's fault-injection scenarios (tests/tests/faults.rs), one at a time, with the
+# checker's report of each, summed up as the table in docs/reliability.md:
+#
+#   scripts/reliability.sh            run every scenario, print each report and the table
+#   scripts/reliability.sh --write    also replace the results in docs/reliability.md
+#   scripts/reliability.sh -- FILTER  run only the scenarios whose test name contains FILTER
+#
+# Needs root (the partition scenario installs nftables rules and moves processes between
+# cgroups) and nftables (scripts/install-test-deps.sh installs it). Reports (one JSON line
+# per scenario) and the test log are kept in target/reliability/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+write=false
+filter=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --write) write=true ;;
+        --) shift; filter=("$@"); break ;;
+        *) echo "usage: $0 [--write] [-- FILTER]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+out=$root/target/reliability
+rm -rf "$out"
+mkdir -p "$out/reports"
+
+scripts/install-test-deps.sh || exit 1
+echo "cargo build -p warren"
+cargo build -q -p warren || exit 1
+export WARREN_BIN=${WARREN_BIN:-$root/target/debug/warren}
+export WARREN_RELIABILITY_DIR=$out/reports
+
+started=$SECONDS
+# One scenario at a time: each measures how long publishing pauses, which concurrent
+# clusters on the same cores would distort.
+cargo test -q -p warren-tests --test faults -- --test-threads=1 --nocapture "${filter[@]}" \
+    2>&1 | tee "$out/test.log" | grep -E '^(checker report:|SKIPPED|test |harness:|checker: (fault|healed))'
+status=${PIPESTATUS[0]}
+elapsed=$((SECONDS - started))
+
+python3 - "$out" "$elapsed" "$status" >"$out/table.md" <<'EOF'
+import json, os, re, sys
+
+out, elapsed, status = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+log = open(os.path.join(out, "test.log"), errors="replace").read()
+outcomes = {}
+for name, result in re.findall(r"^test (\w+) \.\.\. (ok|FAILED)", log, re.M):
+    outcomes[name.replace("_", "-")] = "pass" if result == "ok" else "FAIL"
+skipped = dict(re.findall(r"^SKIPPED (\S+): (.*)$", log, re.M))
+reports = {}
+for f in sorted(os.listdir(os.path.join(out, "reports"))):
+    r = json.load(open(os.path.join(out, "reports", f)))
+    reports[r["scenario"]] = r
+
+def ms(v):
+    return "never" if v is None else (f"{v} ms" if v < 1000 else f"{v / 1000:.1f} s")
+
+def worst(faults, key):
+    values = [f[key] for f in faults]
+    if not values:
+        return "n/a"
+    return ms(None if any(v is None for v in values) else max(values))
+
+print("| Scenario | Result | Published | Confirmed | Lost | Unconfirmed | Duplicated (unexplained) | Drained | Longest publishing pause | Publishing fully resumed after |")
+print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+for name in sorted(set(outcomes) | set(reports) | set(skipped)):
+    result = outcomes.get(name, "not run")
+    if name in skipped:
+        print(f"| {name} | skipped: {skipped[name]} | | | | | | | | |")
+        continue
+    r = reports.get(name)
+    if r is None:
+        print(f"| {name} | {result} (no report) | | | | | | | | |")
+        continue
+    print(
+        f"| {name} | {result} | {r['published']} | {r['confirmed']} | {r['confirmed_lost']} "
+        f"| {r['unconfirmed'] + r['nacked']} | {r['duplicated']} ({r['unexplained_duplicates']}) "
+        f"| {'yes' if r['drained'] else 'NO'} | {worst(r['faults'], 'max_gap_ms')} "
+        f"| {worst(r['faults'], 'resumed_ms')} |"
+    )
+print()
+print("Per fault (times from the moment the fault was injected):")
+print()
+print("| Scenario | Fault | First confirm after | Longest pause | Fully resumed after |")
+print("|---|---|---:|---:|---:|")
+for name, r in sorted(reports.items()):
+    for f in r["faults"]:
+        print(
+            f"| {name} | {f['fault']} | {ms(f['first_confirm_ms'])} | {ms(f['max_gap_ms'])} "
+            f"| {ms(f['resumed_ms'])} |"
+        )
+print()
+print(f"All scenarios ran in {elapsed} s (test exit status {status}).")
+EOF
+
+echo
+cat "$out/table.md"
+
+if $write; then
+    doc=docs/reliability.md
+    python3 - "$doc" "$out/table.md" <<'EOF'
+import sys
+doc, table = sys.argv[1], open(sys.argv[2]).read()
+text = open(doc).read()
+begin, end = "<!-- reliability:begin -->", "<!-- reliability:end -->"
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+open(doc, "w").write(f"{head}{begin}\n{table}{end}{tail}")
+EOF
+    echo "updated $doc"
+fi
+exit "$status"
