@@ -3,8 +3,9 @@ address loses the node it is connected to (SIGKILL) and carries on through anoth
 the durable queue, its binding and every confirmed message are still there; the deliveries it
 had not acked come back with redelivered=True.
 
-Warren advertises no node list that clients follow on their own (RabbitMQ clients do not read
-one): failover comes from the address list a client is given, or from one load-balanced name.
+Warren lists the live compute nodes in the ``warren_cluster_nodes`` server property, but
+RabbitMQ clients do not follow it on their own: failover comes from the address list a client
+is given, or from one load-balanced name.
 pika takes a list of ConnectionParameters and tries them in order on every connect (the
 application reconnects); kombu takes ``amqp://a;amqp://b;...`` with a failover strategy and
 switches hosts inside ``ensure``. aio-pika's RobustConnection reconnects to the one URL it
@@ -19,7 +20,7 @@ import pika.exceptions
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from conftest import pika_params, unique
+from conftest import parse_url, pika_params, unique
 
 # Hang guard for a failover (a takeover of the queue after the kill included), not a timing
 # assertion: every step loops until it succeeds or this runs out.
@@ -214,3 +215,34 @@ def test_kombu_failover_urls_switch_host_and_keep_queue_and_messages(cluster3):
         exchange(conn.default_channel).delete()
     finally:
         conn.release()
+
+
+def advertised_nodes(url):
+    """The `warren_cluster_nodes` server property a fresh connection to `url` announces."""
+    conn = pika.BlockingConnection(pika_params(url, connection_attempts=1, socket_timeout=5))
+    try:
+        value = conn._impl.server_properties.get("warren_cluster_nodes", "")
+    finally:
+        conn.close()
+    if isinstance(value, bytes):
+        value = value.decode()
+    return set(filter(None, value.split(",")))
+
+
+@pytest.mark.timeout(120)
+def test_server_properties_advertise_the_live_compute_nodes(cluster3):
+    addrs = {f"127.0.0.1:{parse_url(url)[1]}" for url in cluster3.urls}
+    # Every node joins the membership shortly after it starts listening.
+    deadline = time.monotonic() + 30
+    while advertised_nodes(cluster3.urls[1]) != addrs:
+        assert time.monotonic() < deadline, advertised_nodes(cluster3.urls[1])
+        time.sleep(0.2)
+
+    cluster3.kill("compute-0")
+    # Once its lease lapses, the dead node leaves the list every other node advertises.
+    deadline = time.monotonic() + 30
+    expected = addrs - {f"127.0.0.1:{parse_url(cluster3.urls[0])[1]}"}
+    for url in cluster3.urls[1:]:
+        while advertised_nodes(url) != expected:
+            assert time.monotonic() < deadline, advertised_nodes(url)
+            time.sleep(0.2)

@@ -3,6 +3,7 @@
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use std::net::IpAddr;
 
+use crate::cluster::membership::Membership;
 use crate::config::AuthConfig;
 
 /// The RabbitMQ version Warren presents: clients (Java, pika, kombu, .NET) switch features
@@ -16,8 +17,15 @@ fn s(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())
 }
 
+/// The server-property listing the AMQP addresses of the live compute nodes.
+pub const CLUSTER_NODES_PROPERTY: &str = "warren_cluster_nodes";
+
 /// The server-properties table of connection.start, as RabbitMQ sends it plus Warren's own.
-pub fn server_properties(cluster_name: &str) -> FieldTable {
+///
+/// `cluster_nodes` (`host:port` of every live compute node's AMQP listener) is advertised
+/// as `warren_cluster_nodes` for operators and tools; RabbitMQ clients do not read it, so
+/// they fail over through the address list or load-balanced name they are configured with.
+pub fn server_properties(cluster_name: &str, cluster_nodes: &[String]) -> FieldTable {
     let mut caps = FieldTable::default();
     for cap in [
         "publisher_confirms",
@@ -35,6 +43,9 @@ pub fn server_properties(cluster_name: &str) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("capabilities".into(), AMQPValue::FieldTable(caps));
     t.insert("cluster_name".into(), s(cluster_name));
+    if !cluster_nodes.is_empty() {
+        t.insert(CLUSTER_NODES_PROPERTY.into(), s(&cluster_nodes.join(",")));
+    }
     t.insert(
         "copyright".into(),
         s("Copyright (c) 2007-2024 Broadcom Inc and/or its subsidiaries"),
@@ -51,6 +62,19 @@ pub fn server_properties(cluster_name: &str) -> FieldTable {
         s(concat!("Warren ", env!("CARGO_PKG_VERSION"))),
     );
     t
+}
+
+/// `host:port` of the AMQP listener of every compute node the membership view holds live.
+pub fn cluster_nodes(membership: Option<&Membership>) -> Vec<String> {
+    membership
+        .map(|m| {
+            m.view()
+                .members
+                .values()
+                .map(|record| record.amqp_addr.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The capabilities a client announced that change how Warren talks to it.
@@ -199,12 +223,23 @@ mod tests {
 
     #[test]
     fn server_properties_announce_rabbitmq_and_its_capabilities() {
-        let p = server_properties("warren@test");
+        let p = server_properties("warren@test", &[]);
         assert_eq!(p.inner().get("product"), Some(&s("RabbitMQ")));
         let Some(AMQPValue::FieldTable(caps)) = p.inner().get("capabilities") else {
             panic!("no capabilities");
         };
         assert_eq!(caps.inner().len(), 9);
         assert!(p.inner().contains_key("warren_version"));
+        assert!(!p.inner().contains_key(CLUSTER_NODES_PROPERTY));
+    }
+
+    #[test]
+    fn server_properties_list_the_cluster_nodes() {
+        let nodes = ["127.0.0.1:5672".to_string(), "10.0.0.2:5672".to_string()];
+        let p = server_properties("warren@test", &nodes);
+        assert_eq!(
+            p.inner().get(CLUSTER_NODES_PROPERTY),
+            Some(&s("127.0.0.1:5672,10.0.0.2:5672"))
+        );
     }
 }

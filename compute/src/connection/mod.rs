@@ -195,7 +195,10 @@ impl Conn {
         let start = connection::Start {
             version_major: 0,
             version_minor: 9,
-            server_properties: handshake::server_properties(&self.node.config.node_name),
+            server_properties: handshake::server_properties(
+                &self.node.config.node_name,
+                &handshake::cluster_nodes(self.node.membership.as_ref()),
+            ),
             mechanisms: LongString::from(handshake::MECHANISMS),
             locales: LongString::from("en_US"),
         };
