@@ -6,7 +6,7 @@
 #                                             `scripts/test.sh --against-rabbitmq` and benchmarks)
 #
 # Debian packages: a JDK and the RabbitMQ Java client (librabbitmq-client-java, which brings
-# slf4j). Python: a virtualenv at .venv with tests/python/requirements.txt. Node: amqplib
+# slf4j), and nftables for the partition fault scenario. Python: a virtualenv at .venv with tests/python/requirements.txt. Node: amqplib
 # in tests/node/node_modules from package-lock.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,8 @@ command -v javac >/dev/null 2>&1 || packages+=(default-jdk-headless)
 [ -f /usr/share/java/amqp-client.jar ] || packages+=(librabbitmq-client-java)
 [ -f /usr/share/java/slf4j-nop.jar ] || packages+=(libslf4j-java)
 command -v setsid >/dev/null 2>&1 || packages+=(util-linux)
+# The partition fault scenario (tests/tests/faults.rs) cuts a zone off with nftables rules.
+command -v nft >/dev/null 2>&1 || packages+=(nftables)
 if $with_rabbitmq && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     packages+=(rabbitmq-server)
 fi
