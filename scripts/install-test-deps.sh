@@ -6,8 +6,8 @@
 #                                             `scripts/test.sh --against-rabbitmq` and benchmarks)
 #
 # Debian packages: a JDK and the RabbitMQ Java client (librabbitmq-client-java, which brings
-# slf4j), and nftables for the partition fault scenario. Python: a virtualenv at .venv with tests/python/requirements.txt. Node: amqplib
-# in tests/node/node_modules from package-lock.json.
+# slf4j), and nftables (the partition fault scenario). Python: a virtualenv at .venv with
+# tests/python/requirements.txt. Node: amqplib in tests/node/node_modules from package-lock.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
