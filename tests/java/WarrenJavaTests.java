@@ -70,6 +70,11 @@ public final class WarrenJavaTests {
             tests.put("mandatory_publish_to_nowhere_is_returned_312", WarrenJavaTests::mandatoryReturn);
             tests.put("deleting_a_queue_cancels_its_consumer", WarrenJavaTests::consumerCancelNotification);
             tests.put("qos_and_multiple_ack", WarrenJavaTests::qosAndMultipleAck);
+            if (env == null || env.isEmpty()) {
+                // Needs process control of its own three-node cluster.
+                tests.put("address_list_recovery_fails_over_with_queue_binding_and_unacked_messages",
+                        FailoverTest::addressListRecoveryFailsOver);
+            }
             ExecutorService pool = Executors.newCachedThreadPool(r -> {
                 Thread t = new Thread(r);
                 t.setDaemon(true);
@@ -121,12 +126,36 @@ public final class WarrenJavaTests {
         }
     }
 
+    /** The first of `n` consecutive free loopback ports (released before use). */
+    static int freePortRange(int n) throws IOException {
+        for (int attempt = 0; attempt < 100; attempt++) {
+            int first = freePort();
+            boolean free = first + n <= 65536;
+            for (int port = first + 1; free && port < first + n; port++) {
+                try (ServerSocket s = new ServerSocket(port, 1, java.net.InetAddress.getLoopbackAddress())) {
+                    // free
+                } catch (IOException e) {
+                    free = false;
+                }
+            }
+            if (free) return first;
+        }
+        throw new IOException("found no " + n + " consecutive free ports");
+    }
+
     static final class WarrenDev {
         Process process;
         Path root;
         String url;
+        /** One URL per compute node, compute-0 first. */
+        List<String> urls = new ArrayList<>();
 
         static WarrenDev start() throws Exception {
+            return start(1, 3);
+        }
+
+        /** A cluster of `compute` compute nodes over `zones` zones (`warren dev --compute --zones`). */
+        static WarrenDev start(int compute, int zones) throws Exception {
             WarrenDev dev = new WarrenDev();
             dev.root = Files.createTempDirectory("warren-java-");
             String bin = System.getenv("WARREN_BIN");
@@ -139,19 +168,27 @@ public final class WarrenJavaTests {
             File log = dev.root.resolve("warren-dev.log").toFile();
             // setsid: its own process group, so exactly this cluster is killed at the end. The
             // guard stops the cluster when our end of its stdin closes, even if the JVM dies.
-            ProcessBuilder pb = new ProcessBuilder("setsid", "/bin/sh",
+            List<String> command = new ArrayList<>(Arrays.asList("setsid", "/bin/sh",
                     new File("tests/warren-dev-guard.sh").getAbsolutePath(), bin, "dev",
                     "--data-dir", dev.root.resolve("data").toString(),
-                    "--amqp-port", String.valueOf(freePort()),
-                    "--http-port", String.valueOf(freePort()));
+                    "--amqp-port", String.valueOf(freePortRange(compute)),
+                    "--http-port", String.valueOf(freePort())));
+            if (compute != 1 || zones != 3) {
+                command.addAll(Arrays.asList("--compute", String.valueOf(compute), "--zones", String.valueOf(zones)));
+            }
+            ProcessBuilder pb = new ProcessBuilder(command);
             pb.redirectError(ProcessBuilder.Redirect.appendTo(log));
             dev.process = pb.start();
-            CompletableFuture<String> ready = new CompletableFuture<>();
+            CompletableFuture<List<String>> ready = new CompletableFuture<>();
             Thread reader = new Thread(() -> {
+                List<String> seen = new ArrayList<>();
                 try (BufferedReader r = new BufferedReader(new InputStreamReader(dev.process.getInputStream(), StandardCharsets.UTF_8))) {
                     String line;
                     while ((line = r.readLine()) != null) {
-                        if (line.trim().startsWith("amqp://")) ready.complete(line.trim());
+                        if (line.trim().startsWith("amqp://")) {
+                            seen.add(normalizeUrl(line.trim()));
+                            if (seen.size() == compute) ready.complete(seen);
+                        }
                     }
                 } catch (IOException ignored) {
                     // the process went away
@@ -161,13 +198,36 @@ public final class WarrenJavaTests {
             reader.setDaemon(true);
             reader.start();
             try {
-                dev.url = normalizeUrl(ready.get(120, TimeUnit.SECONDS));
+                dev.urls = ready.get(120, TimeUnit.SECONDS);
+                dev.url = dev.urls.get(0);
             } catch (Exception e) {
                 String tail = tail(log);
                 dev.stop();
                 throw new IllegalStateException("warren dev printed no amqp:// URL (" + e + "); log tail:\n" + tail);
             }
             return dev;
+        }
+
+        /** SIGKILL one node of this cluster, e.g. `kill("compute-1")`, and wait until it is gone. */
+        void kill(String name) throws Exception {
+            long pid = Long.parseLong(Files.readString(root.resolve("data").resolve("run").resolve(name + ".pid")).trim());
+            ProcessHandle node = ProcessHandle.of(pid).orElseThrow(() -> new IllegalStateException(name + " is not running"));
+            // Only a descendant of this cluster's guard, never a recycled pid.
+            check(node.parent().flatMap(ProcessHandle::parent).map(ProcessHandle::pid).orElse(-1L) == process.pid(),
+                    name + " (pid " + pid + ") is not part of this cluster");
+            node.destroyForcibly();
+            long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(10);
+            while (node.isAlive() && !isZombie(pid) && System.nanoTime() < deadline) Thread.sleep(20);
+            check(!node.isAlive() || isZombie(pid), name + " did not die");
+        }
+
+        static boolean isZombie(long pid) {
+            try {
+                String stat = Files.readString(Path.of("/proc/" + pid + "/stat"));
+                return stat.substring(stat.lastIndexOf(')') + 1).trim().startsWith("Z");
+            } catch (IOException e) {
+                return false;
+            }
         }
 
         static String tail(File log) {
