@@ -34,7 +34,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use warren_common::{Epoch, Generation, NodeId, SegmentId, Zone};
 use warren_storage::meta::{ComputeRecord, ComputeRegistry, LogMeta, MemberState, SegmentMeta};
 use warren_storage::protocol::ownership::{
-    self, Lapsed, LeaseObserver, Seal, Standing, Takeover, TakeoverAction, TakeoverFailure,
+    self, Lapsed, LeaseObserver, OwnerClaim, Seal, Standing, Takeover, TakeoverAction,
+    TakeoverFailure,
 };
 use warren_storage::protocol::placement::{Candidate, choose_ensemble};
 use warren_storage::protocol::quorum::{AppendQuorum, SendEntry};
@@ -81,6 +82,9 @@ enum Protocol {
     /// Broken on purpose: the epoch is written blindly as the cached epoch plus one
     /// instead of raised by compare-and-swap.
     BlindEpoch,
+    /// Broken on purpose: a completed takeover records its node as the owner even when a
+    /// newer epoch is recorded already (keeping the newer epoch).
+    ClaimOverwrites,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +132,7 @@ enum RegOp {
     Evict(Lapsed),
     Raise,
     BlindRaise(Epoch),
+    Claim(Epoch),
     SealOpen {
         epoch: Epoch,
         seal: Option<Seal>,
@@ -139,7 +144,7 @@ enum RegOp {
 enum RegResult {
     Joined(Generation),
     Renewed(Standing),
-    Read(ComputeRegistry, Vec<LogMeta>),
+    Read(ComputeRegistry, Vec<LogMeta>, Vec<Option<OwnerClaim>>),
     Done,
     Raised(Result<LogMeta, TakeoverFailure>),
     Opened(Result<(), TakeoverFailure>),
@@ -289,6 +294,7 @@ struct Proc {
     observer: LeaseObserver,
     view: BTreeSet<NodeId>,
     descs: Vec<LogMeta>,
+    claims: Vec<Option<OwnerClaim>>,
     holds: Vec<Hold>,
     forced_until: Vec<u64>,
     // Paused while writing; its next "fenced" answer proves a stale owner was stopped.
@@ -310,6 +316,7 @@ impl Proc {
             observer: LeaseObserver::new(LEASE_MS),
             view: BTreeSet::new(),
             descs: vec![LogMeta::default(); LOGS],
+            claims: vec![None; LOGS],
             holds: (0..LOGS).map(|_| Hold::Idle).collect(),
             forced_until: vec![0; LOGS],
             paused_writer: false,
@@ -482,6 +489,8 @@ struct Sim {
     net: Vec<Msg>,
     registry: ComputeRegistry,
     logs: Vec<LogMeta>,
+    // Compute's queue descriptors: who completed the newest takeover of each log.
+    claims: Vec<Option<OwnerClaim>>,
     partition: Option<usize>,
     writers: Vec<WriterRec>,
     grants: HashMap<(usize, u64), usize>,
@@ -563,6 +572,7 @@ impl Sim {
             net: Vec::new(),
             registry: ComputeRegistry::default(),
             logs: vec![LogMeta::default(); LOGS],
+            claims: vec![None; LOGS],
             partition: None,
             writers: Vec::new(),
             grants: HashMap::new(),
@@ -841,7 +851,33 @@ impl Sim {
                 RegResult::Joined(g)
             }
             RegOp::Renew(g) => RegResult::Renewed(ownership::renew(&mut self.registry, id, *g)),
-            RegOp::Read => RegResult::Read(self.registry.clone(), self.logs.clone()),
+            RegOp::Read => RegResult::Read(
+                self.registry.clone(),
+                self.logs.clone(),
+                self.claims.clone(),
+            ),
+            RegOp::Claim(epoch) => {
+                let prev = self.claims[m.log];
+                let next = match self.protocol {
+                    Protocol::ClaimOverwrites => OwnerClaim {
+                        owner: id,
+                        epoch: prev.map_or(*epoch, |c| c.epoch.max(*epoch)),
+                    },
+                    _ => ownership::claim(prev, id, *epoch),
+                };
+                if let Some(c) = prev
+                    && c.epoch > *epoch
+                    && next != c
+                {
+                    self.violation.get_or_insert(format!(
+                        "the recorded owner is the newest: a late claim by writer {} (epoch {}) \
+                         replaced the owner of epoch {}",
+                        m.w, epoch.0, c.epoch.0
+                    ));
+                }
+                self.claims[m.log] = Some(next);
+                RegResult::Done
+            }
             RegOp::Evict(l) => {
                 if ownership::evict(&mut self.registry, l) {
                     self.stats.evictions += 1;
@@ -974,11 +1010,11 @@ impl Sim {
                 }
             }
             RegOp::Read => {
-                if let Some(RegResult::Read(reg, logs)) = result {
-                    self.on_read(p, reg, logs);
+                if let Some(RegResult::Read(reg, logs, claims)) = result {
+                    self.on_read(p, reg, logs, claims);
                 }
             }
-            RegOp::Evict(_) => {}
+            RegOp::Evict(_) | RegOp::Claim(_) => {}
             RegOp::Raise | RegOp::BlindRaise(_) => {
                 let raised = match result {
                     Some(RegResult::Raised(r)) => r,
@@ -1006,7 +1042,13 @@ impl Sim {
         }
     }
 
-    fn on_read(&mut self, p: usize, reg: ComputeRegistry, logs: Vec<LogMeta>) {
+    fn on_read(
+        &mut self,
+        p: usize,
+        reg: ComputeRegistry,
+        logs: Vec<LogMeta>,
+        claims: Vec<Option<OwnerClaim>>,
+    ) {
         let Some(g) = self.procs[p].generation else {
             return;
         };
@@ -1018,6 +1060,7 @@ impl Sim {
         }
         pr.view = obs.live;
         pr.descs = logs;
+        pr.claims = claims;
         let (live, lapsed) = (pr.view.len(), obs.lapsed.len());
         self.ev(Ev::View { p, live, lapsed });
         for l in obs.lapsed {
@@ -1031,7 +1074,9 @@ impl Sim {
     /// The ownership decision, on this process's beliefs only.
     fn decide(&mut self, p: usize, log: usize) {
         let pr = &self.procs[p];
-        let target = ownership::sticky_owner(&pr.view, &log_key(log), pr.descs[log].owner);
+        // Sticky on the owner of the newest completed takeover, as compute records it.
+        let recorded = pr.claims[log].map(|c| c.owner);
+        let target = ownership::sticky_owner(&pr.view, &log_key(log), recorded);
         let mine = target == Some(pr.id) || pr.forced_until[log] > pr.clock;
         let idle = matches!(pr.holds[log], Hold::Idle);
         if mine && idle {
@@ -1215,6 +1260,7 @@ impl Sim {
                     segment,
                     pending: Vec::new(),
                 };
+                self.reg(p, log, w, RegOp::Claim(epoch));
             }
             Some(Err(why)) => {
                 if matches!(why, TakeoverFailure::Superseded(_)) && recovering.is_some() {
@@ -2135,6 +2181,16 @@ fn an_owner_that_skips_fencing_is_caught() {
             "{scenario:?}: {BROKEN_SEEDS} seeds never caught an unfenced takeover"
         );
     }
+}
+
+#[test]
+fn a_late_owner_claim_that_overwrites_a_newer_one_is_caught() {
+    // Rarer than the others: it needs a takeover's claim to land after a newer one's.
+    let caught = caught(Protocol::ClaimOverwrites, 2 * BROKEN_SEEDS);
+    assert!(
+        caught.iter().any(|(_, n)| *n > 0),
+        "no seed caught a late claim: {caught:?}"
+    );
 }
 
 #[test]

@@ -228,6 +228,26 @@ pub fn sticky_owner(
     }
 }
 
+/// Who owns a queue as recorded once a takeover completed (compute's queue descriptor):
+/// what sticky ownership reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerClaim {
+    /// The owner.
+    pub owner: NodeId,
+    /// The epoch its takeover got.
+    pub epoch: Epoch,
+}
+
+/// Descriptor change recording that `owner` completed a takeover at `epoch`. A claim that
+/// arrives after a newer owner's (the takeover was slow, or its write timed out and landed
+/// late) leaves the record alone: naming a fenced owner would send the queue back to it.
+pub fn claim(cur: Option<OwnerClaim>, owner: NodeId, epoch: Epoch) -> OwnerClaim {
+    match cur {
+        Some(c) if c.epoch > epoch => c,
+        _ => OwnerClaim { owner, epoch },
+    }
+}
+
 /// Why a takeover ended without ownership.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TakeoverFailure {
@@ -662,6 +682,13 @@ mod tests {
         );
         seal_and_open(&mut meta, epoch, Some(seal), new).unwrap();
         assert_eq!(meta.segments.len(), 1, "the empty segment is dropped");
+        let newer = claim(None, id(5), Epoch(3));
+        assert_eq!(
+            claim(Some(newer), id(9), epoch),
+            newer,
+            "a late claim changes nothing"
+        );
+        assert_eq!(claim(Some(newer), id(9), Epoch(4)).owner, id(9));
         t.on_opened(Ok(()));
         assert_eq!(t.outcome(), Some(Ok(epoch)));
     }
