@@ -665,28 +665,34 @@ impl Sim {
     }
 
     fn deliver(&mut self, m: Msg) {
-        match m.body.clone() {
-            Body::StoreReq { node, req, .. } => {
+        let route = Msg {
+            body: Body::RegReq(RegOp::Read),
+            ..m
+        };
+        match m.body {
+            Body::StoreReq { node, ref req, .. } => {
                 let pz = self.procs[m.p].zone;
                 let ok = self.stores[node].up && self.reachable(pz, self.stores[node].zone);
                 if !ok || self.chance(LOSS_PERCENT) {
                     // The sender times out.
                     self.net.push(store_resp(&m, None));
                 } else {
+                    let req = req.clone();
                     self.store_receive(node, req, m);
                 }
             }
             Body::RegReq(op) => {
-                if !self.registers_available(m.p) || self.chance(LOSS_PERCENT) {
-                    let body = Body::RegResp(op, None);
-                    self.net.push(Msg { body, ..m });
-                    return;
-                }
-                let result = self.apply(&m, &op);
-                // A lost answer: the change landed, the proposer does not know.
-                let result = (!self.chance(LOSS_PERCENT)).then_some(result);
-                let body = Body::RegResp(op, result);
-                self.net.push(Msg { body, ..m });
+                let result = if !self.registers_available(m.p) || self.chance(LOSS_PERCENT) {
+                    None
+                } else {
+                    let result = self.apply(&route, &op);
+                    // A lost answer: the change landed, the proposer does not know.
+                    (!self.chance(LOSS_PERCENT)).then_some(result)
+                };
+                self.net.push(Msg {
+                    body: Body::RegResp(op, result),
+                    ..route
+                });
             }
             Body::StoreResp {
                 member,
@@ -703,13 +709,13 @@ impl Sim {
                 } else {
                     resp
                 };
-                self.on_store_resp(&m, member, purpose, entry, segment, resp);
+                self.on_store_resp(&route, member, purpose, entry, segment, resp);
             }
             Body::RegResp(op, result) => {
                 if self.procs[m.p].status == Status::Crashed || self.procs[m.p].inc != m.inc {
                     return;
                 }
-                self.on_reg(&m, op, result);
+                self.on_reg(&route, op, result);
             }
         }
     }
