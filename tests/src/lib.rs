@@ -595,6 +595,36 @@ impl WarrenDev {
         self.restart_node(name)
     }
 
+    /// Run `warren ctl --data-dir <this cluster> --json <args>` (e.g. `["nodes"]`,
+    /// `["evict", "compute-1"]`) and parse what it prints (`Null` if nothing). A non-zero
+    /// exit is an error that carries the status and standard error.
+    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(warren_bin()?)
+            .arg("ctl")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--json")
+            .args(args)
+            .env("RUST_LIB_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .output()
+            .context("running warren ctl")?;
+        if !out.status.success() {
+            bail!(
+                "warren ctl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(stdout.trim())
+            .with_context(|| format!("warren ctl {} printed no JSON: {stdout}", args.join(" ")))
+    }
+
     /// Stop the nodes the harness started (gracefully, then SIGKILL) and reap them.
     fn stop_owned(&self, grace: Duration) {
         let mut owned = std::mem::take(&mut *self.owned.lock().unwrap_or_else(|e| e.into_inner()));

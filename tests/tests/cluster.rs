@@ -59,7 +59,29 @@ async fn cluster_nodes_are_named_zoned_and_controlled_one_by_one() {
     }
     assert!(dev.restart_node("storage-1").is_err(), "a running node");
 
-    // A wiped storage node gets a fresh data directory.
+    // `warren ctl nodes` lists every node with its zone.
+    let ids_of = |name: &str| -> Vec<String> {
+        let rows = dev.ctl_json(&["nodes", "--sample-ms", "300"]).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["name"] == name)
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let rows = dev.ctl_json(&["nodes"]).unwrap();
+    for name in dev.node_names() {
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name} missing from {rows}"));
+        assert_eq!(row["zone"], dev.zone_of(&name).unwrap().as_str(), "{name}");
+    }
+
+    // A wiped storage node gets a fresh data directory and joins as a new identity.
+    let old_ids = ids_of("storage-0");
     dev.stop_node("storage-0").unwrap();
     let data = dev.node_info("storage-0").unwrap().data_dir.unwrap();
     let marker = data.join("harness-marker");
@@ -67,6 +89,9 @@ async fn cluster_nodes_are_named_zoned_and_controlled_one_by_one() {
     dev.wipe_and_restart("storage-0").unwrap();
     assert!(dev.is_running("storage-0"));
     assert!(!marker.exists());
+    eventually("storage-0 registered anew", Duration::from_secs(30), || {
+        ids_of("storage-0").iter().any(|id| !old_ids.contains(id))
+    });
 
     // Pause and resume a compute node; restart one after SIGKILL on the same URL.
     dev.pause("compute-2").unwrap();
