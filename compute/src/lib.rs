@@ -15,15 +15,19 @@
 //!   and it is persistent (delivery_mode 2), as RabbitMQ's classic queues keep only those
 //!   across restarts. Everything else is the transient fast path: memory only, confirmed at
 //!   once. Confirms of durable messages wait for the append to reach the ack quorum.
-//! - **Ownership.** Opening a durable queue takes its log over (raise epoch, fence, recover)
-//!   and records `(log, owner node, epoch)` in the queue's descriptor register. An owner
-//!   whose appends are fenced, or whose descriptor names another node, stops; publishes it
-//!   had accepted but not stored are handed back to their connections for the new owner.
-//!   Compute nodes do not forward to a remote owner yet: a node that needs a queue takes it
-//!   over, so a queue used through two nodes at once changes hands (safely) back and forth.
+//! - **Ownership.** A durable queue has one owner in the cluster ([`cluster::ownership`]):
+//!   the node its descriptor names while that node is a live member, else the rendezvous
+//!   choice over the membership view. Opening a queue this node owns takes its log over
+//!   (raise epoch, fence, recover) and records `(log, owner node, epoch)` in the descriptor;
+//!   any other node gets a proxy that forwards to the owner over QUIC ([`cluster::peer`]),
+//!   so a queue used through many nodes stays put. An owner whose appends are fenced, or
+//!   whose descriptor names another node, stops; publishes it had accepted but not stored
+//!   are handed back to their connections for the new owner. Idle queues move to their
+//!   rendezvous owner after a join without redelivery (a hand-off mark in the log).
 //! - **Recovery.** A new owner replays the log from its trim point: enqueue records minus
 //!   settle records. Recovered messages are marked redelivered (a previous owner may have
-//!   delivered them), as RabbitMQ does after a restart; TTLs restart at recovery.
+//!   delivered them), as RabbitMQ does after a restart, unless the log ends with a graceful
+//!   hand-off mark; TTLs restart at recovery.
 //! - **Topology.** Durable exchanges, queues and bindings of a vhost are one JSON register
 //!   (versioned); each node keeps an immutable snapshot, refreshed every second and after
 //!   its own writes. Transient entities live only on the node that declared them.

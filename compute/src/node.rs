@@ -282,8 +282,9 @@ impl Node {
             let Some(peers) = self.peers.get() else {
                 return Err(AmqpError::internal("no peer transport"));
             };
+            let view = self.membership.as_ref().map(|m| m.subscribe());
             let handle = peers
-                .open_proxy(addr, vhost, &def.name, def.durable, id)
+                .open_proxy(owner, addr, view, vhost, &def.name, def.durable, id)
                 .await?;
             let mut map = match self.queues.lock() {
                 Ok(m) => m,

@@ -446,3 +446,75 @@ async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let view = a.node().membership.as_ref().unwrap().view();
+    let peer_addr = view.members[&a.node().node_id].peer_addr;
+    // A cluster member (it holds a cluster certificate) that speaks nonsense.
+    let endpoint =
+        warren_compute::cluster::peer::endpoint(&storage.tls(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let conn = endpoint
+        .connect(peer_addr, warren_common::tls::CLUSTER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0x7f, 1, 2]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let end = timeout(STEP, recv.read(&mut buf))
+        .await
+        .expect("stream closed");
+    assert!(
+        matches!(end, Ok(None) | Err(_)),
+        "the bad stream is closed without an answer: {end:?}"
+    );
+    // A second, well-formed session on the same connection still works: only the stream
+    // was closed. It asks for a queue that does not exist and is refused politely.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    warren_proto::internal::peer::encode_request(
+        &warren_proto::internal::peer::PeerRequest::Open {
+            vhost: "/".into(),
+            queue: "missing".into(),
+        },
+        &mut frame,
+    );
+    send.write_all(&frame).await.unwrap();
+    let answer = timeout(STEP, recv.read_to_end(1 << 16))
+        .await
+        .expect("answer")
+        .unwrap();
+    let mut answer = bytes::BytesMut::from(&answer[..]);
+    assert!(matches!(
+        warren_proto::internal::peer::decode_event(&mut answer).unwrap(),
+        Some(warren_proto::internal::peer::PeerEvent::Refused { .. })
+    ));
+    // Clients of both nodes are unaffected: forwarding between them still works.
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("after".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let nodes = [&a, &b];
+    let (_, other) = owner_index(&storage, &nodes, "after").await;
+    let ch = connect(&url(nodes[other]))
+        .await
+        .create_channel()
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "after", 5).await;
+    let got = ch
+        .basic_get("after".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(got.message_count, 4);
+    endpoint.close(0u32.into(), b"done");
+    a.stop().await;
+    b.stop().await;
+}

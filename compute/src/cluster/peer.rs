@@ -30,15 +30,16 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use warren_common::config::TlsPaths;
-use warren_common::tls;
+use warren_common::{NodeId, tls};
 use warren_proto::internal::peer::{
     self as wire, ALPN, PeerEvent, PeerRequest, WireChannel, WireDelivery, WireGot, WireMessage,
     WireRefusal,
 };
 
+use super::membership::ClusterView;
 use crate::error::AmqpError;
 use crate::message::Message;
 use crate::node::Node;
@@ -169,9 +170,13 @@ impl Peers {
 
     /// A handle to queue `name` owned by the node at `addr`: a proxy task forwarding
     /// commands to it. `id` is the node-unique id of the handle.
+    /// The proxy also stops as soon as `view` (this node's membership) drops `owner`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open_proxy(
         &self,
+        owner: NodeId,
         addr: SocketAddr,
+        view: Option<watch::Receiver<Arc<ClusterView>>>,
         vhost: &str,
         name: &str,
         durable: bool,
@@ -224,7 +229,7 @@ impl Peers {
             counted: HashSet::new(),
         };
         debug!(queue = name, %addr, "forwarding queue to its owner");
-        tokio::spawn(proxy.run(rx, ev_rx));
+        tokio::spawn(proxy.run(rx, ev_rx, owner, view));
         Ok(handle)
     }
 }
@@ -330,10 +335,31 @@ impl Proxy {
         mut self,
         mut rx: mpsc::Receiver<QueueCmd>,
         mut events: mpsc::Receiver<PeerEvent>,
+        owner: NodeId,
+        mut view: Option<watch::Receiver<Arc<ClusterView>>>,
     ) {
         let deleted = loop {
             tokio::select! {
                 biased;
+                changed = async {
+                    match view.as_mut() {
+                        Some(v) => v.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let gone = match (&changed, view.as_ref()) {
+                        (Ok(()), Some(v)) => !v.borrow().members.contains_key(&owner),
+                        _ => false,
+                    };
+                    if changed.is_err() {
+                        view = None;
+                    }
+                    if gone {
+                        // The owner's lease lapsed (or it left): fail over now rather than
+                        // at the transport's idle timeout.
+                        break false;
+                    }
+                }
                 ev = events.recv() => match ev {
                     Some(ev) => {
                         if let Some(deleted) = self.on_event(ev) {
