@@ -1064,11 +1064,14 @@ impl Sim {
             self.judge_self(p, obs.standing);
             return;
         }
+        let changed = pr.view != obs.live || !obs.lapsed.is_empty();
         pr.view = obs.live;
         pr.descs = logs;
         pr.claims = claims;
-        let (live, lapsed) = (pr.view.len(), obs.lapsed.len());
-        self.ev(Ev::View { p, live, lapsed });
+        if changed {
+            let (live, lapsed) = (pr.view.len(), obs.lapsed.len());
+            self.ev(Ev::View { p, live, lapsed });
+        }
         for l in obs.lapsed {
             self.reg(p, 0, usize::MAX, RegOp::Evict(l));
         }
@@ -1476,7 +1479,10 @@ impl Sim {
         let (entry, sends) = quorum.push(payload.clone());
         pending.push(payload);
         let (w, segment) = (*w, segment.clone());
-        self.ev(Ev::Appended { w, entry });
+        if self.trace_len == usize::MAX {
+            // Too many for the short trace a failure prints; the whole history has them.
+            self.ev(Ev::Appended { w, entry });
+        }
         self.send_entries(p, log, w, &segment, sends);
     }
 
@@ -1732,7 +1738,7 @@ impl Sim {
                 let now = s.rules.get(seg).map_or(0, |r| r.fenced);
                 if now < *e {
                     return Err(format!(
-                        "node {n} forgot the fence at {e} of segment {seg:x} (now {now})"
+                        "node {n} forgot the fence at {e} of segment {seg} (now {now})"
                     ));
                 }
             }
@@ -1745,7 +1751,7 @@ impl Sim {
             for (i, s) in m.segments.iter().enumerate() {
                 if i + 1 < m.segments.len() && s.end.is_none() {
                     return Err(format!(
-                        "log {log}: segment {:x} is open but not last",
+                        "log {log}: segment {} is open but not last",
                         s.id.0
                     ));
                 }
@@ -1753,7 +1759,7 @@ impl Sim {
                     match self.prev_ends.get(&s.id.0) {
                         Some(prev) if *prev != end => {
                             return Err(format!(
-                                "log {log}: sealed end of {:x} changed from {prev} to {end}",
+                                "log {log}: sealed end of {} changed from {prev} to {end}",
                                 s.id.0
                             ));
                         }
@@ -1770,7 +1776,7 @@ impl Sim {
                 let copies = self.durable_copies(s, e);
                 if copies.len() < QA || copies.windows(2).any(|c| c[0] != c[1]) {
                     return Err(format!(
-                        "segment {:x} sealed at {end} but entry {e} has {} copies: {copies:?}",
+                        "segment {} sealed at {end} but entry {e} has {} copies: {copies:?}",
                         s.id.0,
                         copies.len()
                     ));
@@ -1782,12 +1788,12 @@ impl Sim {
         for (i, a) in self.acked.iter().enumerate().skip(from) {
             let Some((log, seg)) = segs.get(&a.segment) else {
                 return Err(format!(
-                    "acknowledged entry {} of segment {:x} (writer {}) lost: segment left log {}",
+                    "acknowledged entry {} of segment {} (writer {}) lost: segment left log {}",
                     a.entry, a.segment, a.w, a.log
                 ));
             };
             if *log != a.log {
-                return Err(format!("segment {:x} moved between logs", a.segment));
+                return Err(format!("segment {} moved between logs", a.segment));
             }
             let epoch = seg.epoch.0;
             if let Some(end) = seg.end
@@ -1795,7 +1801,7 @@ impl Sim {
             {
                 return Err(format!(
                     "at most one epoch appends: writer {} (epoch {epoch}) got entry {} of \
-                     segment {:x} acknowledged, but the segment was sealed at {end}",
+                     segment {} acknowledged, but the segment was sealed at {end}",
                     a.w, a.entry, a.segment
                 ));
             }
@@ -1803,7 +1809,7 @@ impl Sim {
                 if *fence_epoch > epoch && bound.is_none_or(|b| a.entry > b) {
                     return Err(format!(
                         "at most one epoch appends: writer {} (epoch {epoch}) got entry {} of \
-                         segment {:x} acknowledged, above what epoch {fence_epoch}'s completed \
+                         segment {} acknowledged, above what epoch {fence_epoch}'s completed \
                          fence found ({bound:?})",
                         a.w, a.entry, a.segment
                     ));
@@ -1813,7 +1819,7 @@ impl Sim {
                 let copies = self.durable_copies(seg, a.entry);
                 if copies.len() < QA || copies.iter().any(|c| *c != a.payload) {
                     return Err(format!(
-                        "acknowledged entry {} of segment {:x} has copies {copies:?}, want {} \
+                        "acknowledged entry {} of segment {} has copies {copies:?}, want {} \
                          of {:?}",
                         a.entry, a.segment, QA, a.payload
                     ));
@@ -1913,10 +1919,7 @@ impl Sim {
                 for e in 0..s.end.unwrap_or(0) {
                     let copies = self.durable_copies(s, e);
                     let Some(c) = copies.first() else {
-                        return Err(format!(
-                            "log {log}: sealed entry {e} of {:x} missing",
-                            s.id.0
-                        ));
+                        return Err(format!("log {log}: sealed entry {e} of {} missing", s.id.0));
                     };
                     if index.insert(c.clone(), (log, pos)).is_some() {
                         return Err(format!("log {log}: {c:?} twice in the log"));
@@ -1929,7 +1932,7 @@ impl Sim {
         for a in &self.acked {
             let Some((log, pos)) = index.get(&a.payload) else {
                 return Err(format!(
-                    "acknowledged {:?} (writer {}, segment {:x} entry {}) missing from the \
+                    "acknowledged {:?} (writer {}, segment {} entry {}) missing from the \
                      recovered log",
                     a.payload, a.w, a.segment, a.entry
                 ));
