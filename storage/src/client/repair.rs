@@ -143,21 +143,30 @@ pub(crate) async fn repair_log(
     if m.deleted || todo.is_empty() {
         return Ok((report, Some(m)));
     }
-    // A refill cannot finish while a member is down (until it is evicted, when its copies
-    // move instead): do not claim the log only to find that out.
+    // Do not claim the log only to find that nothing can be done yet: a refill cannot
+    // finish while a member is down (until it is evicted, when its copies move instead),
+    // and a lost member cannot be replaced while no live node is outside the ensemble.
+    let candidates = client.candidates();
     let mut workable = 0;
     for s in m.segments.iter().filter(|s| todo.contains(&s.id)) {
-        let refill_only = segment_needs(s, gone).is_some_and(|n| n.replace.is_empty());
-        let mut reachable = true;
-        if refill_only {
+        let Some(needs) = segment_needs(s, gone) else {
+            continue;
+        };
+        let possible = if needs.replace.is_empty() {
+            let mut reachable = true;
             for node in &s.ensemble {
                 if client.node_conn(*node).await.is_err() {
                     reachable = false;
                     break;
                 }
             }
-        }
-        if reachable {
+            reachable
+        } else {
+            candidates
+                .iter()
+                .any(|c| c.live && !s.ensemble.contains(&c.id))
+        };
+        if possible {
             workable += 1;
         }
     }
