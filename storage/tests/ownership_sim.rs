@@ -9,6 +9,9 @@
 //! append through [`AppendQuorum`]. Storage nodes apply [`SegmentRules`] with group commit.
 //! The registers are a linearizable store reached through the same lossy network (a lost
 //! reply means the change may have landed), available while a majority of storage nodes is.
+//! On even seeds storage nodes also refuse writes from compute generations their last read
+//! of the registry (every 500 ms) shows evicted or superseded; odd seeds rely on fencing
+//! alone.
 //!
 //! A seeded schedule delivers messages in any order, loses some, pauses processes (SIGSTOP:
 //! no steps, clock frozen or jumping on resume, messages in flight both ways), crashes and
@@ -53,6 +56,8 @@ const TRACE: usize = 80;
 const LOSS_PERCENT: u32 = 3;
 const MAX_IN_FLIGHT: usize = 8;
 const MAX_PROCS: usize = 6;
+/// How often a storage node re-reads the compute registry.
+const STORE_REFRESH_MS: u64 = 500;
 /// Seeds per scenario for the protocol as designed.
 const SEEDS: u64 = 300;
 /// Seeds per scenario for each deliberately broken protocol.
@@ -111,6 +116,8 @@ enum Req {
 #[derive(Clone, Debug)]
 enum Resp {
     Ok,
+    // The sender's generation was evicted or superseded (compute's `Hello` check).
+    Evicted,
     Fenced(u64),
     FenceOk(Tail),
     Entry(Option<Bytes>),
@@ -176,6 +183,8 @@ enum Body {
 struct Msg {
     p: usize,
     inc: u32,
+    // The sender's generation when it sent (0: none), as its connection's `Hello` said.
+    generation: u64,
     log: usize,
     w: usize,
     body: Body,
@@ -219,6 +228,9 @@ struct Store {
     entries: HashMap<(u64, u64), Bytes>,
     // The highest fence answered per segment: it must survive every crash.
     answered_fence: HashMap<u64, u64>,
+    // Compute generations as of this node's last read of the registry.
+    known: HashMap<NodeId, u64>,
+    next_refresh: u64,
 }
 
 impl Store {
@@ -355,6 +367,7 @@ struct Stats {
     evictions: u64,
     self_evicted: u64,
     superseded: u64,
+    refused_evicted: u64,
     paused_owner_evicted: u64,
     resumed_owner_fenced: u64,
     duel_steps: u64,
@@ -371,6 +384,7 @@ impl std::ops::AddAssign for Stats {
         self.evictions += o.evictions;
         self.self_evicted += o.self_evicted;
         self.superseded += o.superseded;
+        self.refused_evicted += o.refused_evicted;
         self.paused_owner_evicted += o.paused_owner_evicted;
         self.resumed_owner_fenced += o.resumed_owner_fenced;
         self.duel_steps += o.duel_steps;
@@ -434,6 +448,9 @@ enum Ev {
         log: usize,
         w: usize,
     },
+    WriterRefused {
+        w: usize,
+    },
     WriterFenced {
         w: usize,
         by: u64,
@@ -481,6 +498,8 @@ struct Sim {
     seed: u64,
     scenario: Scenario,
     protocol: Protocol,
+    // Storage refuses writes from evicted or superseded compute generations, behind fencing.
+    generations: bool,
     rng: StdRng,
     step: usize,
     now: u64,
@@ -545,6 +564,8 @@ impl Sim {
                 rules: HashMap::new(),
                 entries: HashMap::new(),
                 answered_fence: HashMap::new(),
+                known: HashMap::new(),
+                next_refresh: 0,
             })
             .collect();
         let procs = (0..n_procs)
@@ -564,6 +585,9 @@ impl Sim {
             seed,
             scenario,
             protocol,
+            // Half the seeds without it, so that fencing alone is shown to be enough; the
+            // broken owner that skips fencing always has it, to show it is not.
+            generations: protocol == Protocol::SkipFence || seed % 2 == 0,
             rng,
             step: 0,
             now: 0,
@@ -608,9 +632,11 @@ impl Sim {
 
     fn send(&mut self, p: usize, log: usize, w: usize, body: Body) {
         let inc = self.procs[p].inc;
+        let generation = self.procs[p].generation.map_or(0, |g| g.0);
         self.net.push(Msg {
             p,
             inc,
+            generation,
             log,
             w,
             body,
@@ -673,9 +699,18 @@ impl Sim {
             Body::StoreReq { node, ref req, .. } => {
                 let pz = self.procs[m.p].zone;
                 let ok = self.stores[node].up && self.reachable(pz, self.stores[node].zone);
+                let write = matches!(req, Req::Append { .. } | Req::Fence { probe: false, .. });
                 if !ok || self.chance(LOSS_PERCENT) {
                     // The sender times out.
                     self.net.push(store_resp(&m, None));
+                } else if self.generations
+                    && write
+                    && self.stores[node]
+                        .known
+                        .get(&self.procs[m.p].id)
+                        .is_some_and(|g| *g > m.generation)
+                {
+                    self.net.push(store_resp(&m, Some(Resp::Evicted)));
                 } else {
                     let req = req.clone();
                     self.store_receive(node, req, m);
@@ -928,6 +963,22 @@ impl Sim {
     fn tick(&mut self) {
         let d = self.rng.random_range(5..=25);
         self.now += d;
+        if self.generations {
+            for n in 0..self.stores.len() {
+                let s = &self.stores[n];
+                if s.up && self.now >= s.next_refresh {
+                    let known = self
+                        .registry
+                        .nodes
+                        .iter()
+                        .map(|(id, r)| (*id, r.generation.0))
+                        .collect();
+                    let s = &mut self.stores[n];
+                    s.known = known;
+                    s.next_refresh = self.now + STORE_REFRESH_MS;
+                }
+            }
+        }
         for p in 0..self.procs.len() {
             if self.procs[p].status != Status::Running {
                 continue;
@@ -1407,6 +1458,11 @@ impl Sim {
                             });
                             self.acked.push(a);
                         }
+                    }
+                    Some(Resp::Evicted) => {
+                        self.stats.refused_evicted += 1;
+                        self.ev(Ev::WriterRefused { w });
+                        self.procs[p].holds[log] = Hold::Idle;
                     }
                     Some(Resp::Fenced(by)) => {
                         // A fenced writer stops serving the queue at once.
@@ -2163,6 +2219,10 @@ fn lease_expiry_while_paused_fences_the_resumed_owner() {
         assert!(
             s.resumed_owner_fenced > 50,
             "resumed owners rarely fenced: {s:?}"
+        );
+        assert!(
+            s.refused_evicted > 20,
+            "storage rarely refused an evicted generation: {s:?}"
         );
     }
 }
