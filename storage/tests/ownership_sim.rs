@@ -587,7 +587,7 @@ impl Sim {
             protocol,
             // Half the seeds without it, so that fencing alone is shown to be enough; the
             // broken owner that skips fencing always has it, to show it is not.
-            generations: protocol == Protocol::SkipFence || seed % 2 == 0,
+            generations: protocol == Protocol::SkipFence || seed.is_multiple_of(2),
             rng,
             step: 0,
             now: 0,
