@@ -448,3 +448,110 @@ async fn replication_settings_are_validated_by_the_client() {
         Ok(_) => panic!("a strict log opened on three nodes"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_repairs_swap_each_lost_copy_once_and_respect_claims() {
+    use warren_storage::meta::RepairClaim;
+    let mut cluster = Cluster::start(4).await;
+    let log = LogId::random();
+    let data = payloads("r", 40);
+    let regs = cluster.client().await.registers();
+    {
+        let client = cluster.client().await;
+        client.set_segment_roll_bytes(500);
+        let w = client.acquire_log(log).await.unwrap();
+        append_all(&w, &data).await;
+    }
+    // A member of the first segment is lost for good.
+    let d = descriptor(&regs, log).await;
+    let lost = d.segments[0].ensemble[0];
+    let index = registry(&regs).await.nodes[&lost].name.clone();
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.config.name == index)
+        .unwrap();
+    cluster.stop(index).await;
+    evict(&regs, lost).await;
+    let expected = d
+        .segments
+        .iter()
+        .filter(|s| s.end.is_some() && s.ensemble.contains(&lost))
+        .count();
+    assert!(expected >= 2, "{:?}", d.segments);
+
+    let set_claim = |claim: Option<RepairClaim>| {
+        let regs = regs.clone();
+        async move {
+            regs.update(&meta::log_key(log), |cur| {
+                let mut d: LogMeta = meta::decode(cur.unwrap()).unwrap();
+                d.repair = claim;
+                Ok::<_, ()>(Some(meta::encode(&d)))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        }
+    };
+    // Another node's claim, renewed or not, holds every other repair off for its lease.
+    set_claim(Some(RepairClaim {
+        by: NodeId::random(),
+        token: 1,
+    }))
+    .await;
+    let first = cluster.client().await;
+    let r = first.repair_logs(&[log]).await;
+    assert_eq!((r.replaced, r.copied), (0, 0));
+    assert!(r.pending >= expected);
+    assert_eq!(descriptor(&regs, log).await.segments, d.segments);
+
+    // A claim this node's earlier process left is taken over at once, while the others
+    // keep waiting for it to lapse.
+    let config = cluster.client_config();
+    set_claim(Some(RepairClaim {
+        by: config.node_id,
+        token: 2,
+    }))
+    .await;
+    let clients = [
+        StorageClient::connect(config).await.unwrap(),
+        first,
+        cluster.client().await,
+    ];
+    let mut replaced = 0;
+    for _ in 0..100 {
+        let passes: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let c = c.clone();
+                tokio::spawn(async move { c.repair_logs(&[log]).await })
+            })
+            .collect();
+        for p in passes {
+            replaced += p.await.unwrap().replaced;
+        }
+        let now = descriptor(&regs, log).await;
+        if now.repair.is_none()
+            && now
+                .segments
+                .iter()
+                .filter(|s| s.end.is_some())
+                .all(|s| !s.ensemble.contains(&lost))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        replaced, expected,
+        "a lost copy was swapped more or less than once"
+    );
+    let now = descriptor(&regs, log).await;
+    for s in now.segments.iter().filter(|s| s.end.is_some()) {
+        let distinct: std::collections::BTreeSet<_> = s.ensemble.iter().collect();
+        assert_eq!(distinct.len(), 3, "{:?}", s.ensemble);
+        assert!(!s.ensemble.contains(&lost));
+    }
+    let w = cluster.client().await.acquire_log(log).await.unwrap();
+    assert_eq!(read_all(&w).await, data);
+}
