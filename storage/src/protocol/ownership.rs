@@ -73,8 +73,8 @@ fn standing(registry: &ComputeRegistry, id: NodeId, generation: Generation) -> S
 }
 
 /// Judges other members' leases without comparing clocks across nodes: a member whose
-/// `(generation, heartbeat)` this observer has seen unchanged for `lease_ms` on its own
-/// monotonic clock has lapsed.
+/// `(generation, heartbeat, state)` this observer has seen unchanged for `lease_ms` on its
+/// own monotonic clock has lapsed.
 #[derive(Clone, Debug)]
 pub struct LeaseObserver {
     lease_ms: u64,
