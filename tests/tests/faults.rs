@@ -146,9 +146,17 @@ fn has_membership() -> bool {
     help(&[]).lines().any(|l| l.trim_start().starts_with("ctl"))
 }
 
-/// Say loudly why a scenario cannot run on this build, and skip it.
+/// Say loudly why a scenario cannot run on this build, and skip it (with a report that says
+/// so, for `scripts/reliability.sh`).
 fn skip(scenario: &str, missing: &str) {
-    eprintln!("SKIPPED {scenario}: this build lacks {missing}");
+    let reason = format!("this build lacks {missing}");
+    eprintln!("SKIPPED {scenario}: {reason}");
+    if let Some(dir) = std::env::var_os(REPORT_DIR_ENV) {
+        let json = serde_json::json!({ "scenario": scenario, "skipped": reason });
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{scenario}.json")), format!("{json}\n")).unwrap();
+    }
 }
 
 // ---- storage faults ------------------------------------------------------------------------
