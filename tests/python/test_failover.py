@@ -9,11 +9,15 @@ is given, or from one load-balanced name.
 pika takes a list of ConnectionParameters and tries them in order on every connect (the
 application reconnects); kombu takes ``amqp://a;amqp://b;...`` with a failover strategy and
 switches hosts inside ``ensure``. aio-pika's RobustConnection reconnects to the one URL it
-was given, so it fails over only behind a load-balanced name, which needs no test of its own.
+was given, so it fails over behind one load-balanced name (emulated here by a small TCP proxy
+that sends each new connection to the first node that accepts it).
 """
 
+import asyncio
 import time
 
+import aio_pika
+import aio_pika.exceptions
 import amqp.exceptions
 import pika
 import pika.exceptions
@@ -246,3 +250,128 @@ def test_server_properties_advertise_the_live_compute_nodes(cluster3):
         while advertised_nodes(url) != expected:
             assert time.monotonic() < deadline, advertised_nodes(url)
             time.sleep(0.2)
+
+
+class LoadBalancer:
+    """One name in front of every compute node, as a TCP load balancer gives clients: each
+    new connection goes to the first node that accepts it."""
+
+    def __init__(self, ports):
+        self.ports = list(ports)
+        self.last_port = None
+        self.server = None
+        self.tasks = set()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, client_reader, client_writer):
+        for port in self.ports:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+            self.last_port = port
+            for task in (
+                asyncio.create_task(self._pipe(client_reader, writer)),
+                asyncio.create_task(self._pipe(reader, client_writer)),
+            ):
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            return
+        client_writer.close()
+
+    @staticmethod
+    async def _pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self):
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+@pytest.mark.timeout(120)
+def test_aio_pika_robust_connection_behind_one_name_fails_over(cluster3):
+    queue_name, exchange_name, key = unique("aio-failover-q"), unique("aio-failover-x"), "rk"
+    bodies = [f"a-{i}".encode() for i in range(MESSAGES)]
+
+    async def main():
+        lb = LoadBalancer(parse_url(url)[1] for url in cluster3.urls)
+        port = await lb.start()
+        conn = await aio_pika.connect_robust(
+            f"amqp://guest:guest@127.0.0.1:{port}/%2f", timeout=10, reconnect_interval=0.5
+        )
+        try:
+            first_node = cluster3.compute_of_port(lb.last_port)
+            channel = await conn.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=HELD)
+            exchange = await channel.declare_exchange(
+                exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            queue = await channel.declare_queue(queue_name, durable=True)
+            await queue.bind(exchange, key)
+            for body in bodies:
+                await exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=key,
+                    mandatory=True,
+                )
+
+            held, got = [], {}
+            failed_over = asyncio.Event()
+
+            async def on_message(message):
+                if not failed_over.is_set():
+                    held.append((message.body, message.redelivered))
+                    return
+                got.setdefault(message.body, message.redelivered)
+                await message.ack()
+
+            await queue.consume(on_message)
+            deadline = time.monotonic() + 30
+            while len(held) < HELD:
+                assert time.monotonic() < deadline, f"only {len(held)} deliveries arrived"
+                await asyncio.sleep(0.05)
+            assert held == [(b, False) for b in bodies[:HELD]]
+
+            failed_over.set()
+            cluster3.kill(first_node)
+
+            # The robust connection reconnects through the same name, reaches another node,
+            # and restores its channel, exchange, queue, binding and consumer there.
+            deadline = time.monotonic() + FAILOVER_DEADLINE
+            while True:
+                try:
+                    await exchange.publish(
+                        aio_pika.Message(b"after", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=key,
+                        mandatory=True,
+                        timeout=5,
+                    )
+                    break
+                except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, ConnectionError, RuntimeError) as e:
+                    assert time.monotonic() < deadline, f"publishing after the failover: {e!r}"
+                    await asyncio.sleep(0.2)
+            assert cluster3.compute_of_port(lb.last_port) != first_node
+            while len(got) < MESSAGES + 1:
+                missing = sorted((set(bodies) | {b"after"}) - set(got))
+                assert time.monotonic() < deadline, f"missing after the failover: {missing}"
+                await asyncio.sleep(0.05)
+            assert set(got) == set(bodies) | {b"after"}
+            assert all(got[b] for b in bodies[:HELD]), got
+            await queue.delete(if_unused=False, if_empty=False)
+            await exchange.delete()
+        finally:
+            await conn.close()
+            await lb.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=110))
