@@ -320,7 +320,18 @@ impl Node {
         };
         let handle = match (&self.storage, def.durable && !def.exclusive) {
             (Some(storage), true) => {
-                let writer = storage.acquire_log(def.log_id).await?;
+                let writer = match storage.acquire_log(def.log_id).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        if matches!(e, warren_storage::StorageError::NotFound(_)) {
+                            // Deleted through another node since this node's topology
+                            // snapshot was taken: catch up now, so a redeclaration creates
+                            // a fresh queue instead of reopening the deleted one.
+                            let _ = self.topology.refresh(vhost).await;
+                        }
+                        return Err(e.into());
+                    }
+                };
                 let epoch = writer.epoch();
                 self.claim(def.log_id, epoch).await?;
                 config.log_id = Some(def.log_id);

@@ -53,7 +53,7 @@ use crate::queue::{ChannelKey, ConnEvent, ConnSink, ConsumerId, Delivery, QueueC
 /// (which may include taking its log over and replaying it).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long dialing a peer may take before the queue counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Events decoded from a stream but not yet handled by its proxy.
 const EVENT_QUEUE: usize = 256;
 /// Commands a proxy encodes into one stream write.
