@@ -86,7 +86,13 @@ async fn start_workload_owned(dev: &Dev, scenario: &str, owner: &str) -> Workloa
 
 /// [`start_workload`] on a given queue.
 async fn start_workload_on(dev: &Dev, scenario: &str, queue: &str) -> Workload {
-    let config = WorkloadConfig::new(dev.amqp_urls().to_vec(), queue);
+    start_workload_queues(dev, scenario, vec![queue.to_string()]).await
+}
+
+/// [`start_workload`] with messages spread over several queues.
+async fn start_workload_queues(dev: &Dev, scenario: &str, queues: Vec<String>) -> Workload {
+    let mut config = WorkloadConfig::new(dev.amqp_urls().to_vec(), &queues[0]);
+    config.queues = queues;
     let workload = Workload::start(config).await.unwrap();
     assert!(
         workload.wait_for_confirms(WARMUP, PROGRESS_LIMIT).await,
@@ -373,7 +379,16 @@ async fn rolling_restart() {
     let compute = if has_multi_compute() { 2 } else { 1 };
     bounded(NAME, async {
         let dev = cluster(ClusterOpts::new(compute, 3)).await;
-        let workload = start_workload(&dev, NAME).await;
+        // One queue per compute node, each owned by it, so every compute restart moves one.
+        let queues = if has_membership() {
+            dev.compute_names()
+                .iter()
+                .map(|owner| queue_owned_by(&dev, NAME, owner))
+                .collect()
+        } else {
+            vec![unique_name(NAME)]
+        };
+        let workload = start_workload_queues(&dev, NAME, queues).await;
         for name in dev.node_names() {
             workload.fault(&format!("restart {name}"));
             let node = name.clone();
@@ -422,6 +437,7 @@ impl Partition {
         let classid: u32 = 0x5a57_0000 | ((me.wrapping_mul(31).wrapping_add(n)) & 0xffff);
         let mark = classid;
         ensure_net_cls()?;
+        remove_stale_partitions();
         let cgroup = PathBuf::from(NET_CLS).join(&name);
         std::fs::create_dir_all(&cgroup).context("creating the net_cls cgroup")?;
         let partition = Partition {
@@ -495,6 +511,45 @@ impl Drop for Partition {
         }
         let _ = std::fs::remove_dir(&self.cgroup);
         eprintln!("partition {} healed", self.table);
+    }
+}
+
+/// Remove the tables and cgroups of partitions whose test process died without its Drop
+/// (killed by a runner's timeout, say), so a dead run never keeps a zone cut off.
+fn remove_stale_partitions() {
+    let dead = |name: &str| {
+        name.strip_prefix("warren_partition_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(out) = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(table) = line.strip_prefix("table inet ")
+                && dead(table)
+            {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", table])
+                    .status();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(NET_CLS) {
+        let root_procs = PathBuf::from(NET_CLS).join("cgroup.procs");
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !dead(&name) {
+                continue;
+            }
+            let procs = std::fs::read_to_string(entry.path().join("cgroup.procs"));
+            for pid in procs.unwrap_or_default().split_whitespace() {
+                let _ = std::fs::write(&root_procs, pid);
+            }
+            let _ = std::fs::remove_dir(entry.path());
+        }
     }
 }
 
