@@ -22,8 +22,10 @@
 //! After every step the invariants are checked: at most one epoch appends (an entry
 //! acknowledged to an older epoch's writer is never above what a newer epoch's completed
 //! fence found, nor above the end its segment was sealed at), acknowledged entries stay in
-//! the log on `Qa` disks, epochs and fences only grow, each epoch is granted once. At the end
-//! the cluster heals and one more takeover recovers each log, which must hold every
+//! the log on `Qa` disks, epochs and fences only grow, each epoch is granted once, and an
+//! owner claim never replaces a newer one. Then every fault heals and none is injected:
+//! ownership must settle, each log with exactly one writer that gets appends acknowledged.
+//! Last, every process stops and one more takeover recovers each log, which must hold every
 //! acknowledged entry exactly once, in each writer's acknowledgement order.
 //!
 //! Replay one seed: `OWNERSHIP_SIM_SEED=17 cargo test -p warren-storage --test
@@ -52,6 +54,7 @@ const LEASE_MS: u64 = 300;
 const LOGS: usize = 2;
 const ZONES: usize = 3;
 const STEPS: usize = 2000;
+const CALM_STEPS: usize = 500;
 const TRACE: usize = 80;
 const LOSS_PERCENT: u32 = 3;
 const MAX_IN_FLIGHT: usize = 8;
@@ -500,6 +503,8 @@ struct Sim {
     protocol: Protocol,
     // Storage refuses writes from evicted or superseded compute generations, behind fencing.
     generations: bool,
+    // Every fault healed, none injected, nothing lost: ownership must settle.
+    calm: bool,
     rng: StdRng,
     step: usize,
     now: u64,
@@ -587,6 +592,7 @@ impl Sim {
             protocol,
             // Half the seeds without it, so that fencing alone is shown to be enough; the
             // broken owner that skips fencing always has it, to show it is not.
+            calm: false,
             generations: protocol == Protocol::SkipFence || seed.is_multiple_of(2),
             rng,
             step: 0,
@@ -624,6 +630,10 @@ impl Sim {
 
     fn chance(&mut self, percent: u32) -> bool {
         self.rng.random_range(0..100) < percent
+    }
+
+    fn lost(&mut self) -> bool {
+        !self.calm && self.chance(LOSS_PERCENT)
     }
 
     fn store_index(&self, id: &NodeId) -> usize {
@@ -676,6 +686,17 @@ impl Sim {
     }
 
     fn deliver_random(&mut self) -> bool {
+        if self.calm {
+            // Once calm, a round delivers everything in flight: every message arrives
+            // within a bounded delay, however many are queued.
+            if self.net.is_empty() {
+                return false;
+            }
+            for m in std::mem::take(&mut self.net) {
+                self.deliver(m);
+            }
+            return true;
+        }
         for _ in 0..8 {
             if self.net.is_empty() {
                 return false;
@@ -700,7 +721,7 @@ impl Sim {
                 let pz = self.procs[m.p].zone;
                 let ok = self.stores[node].up && self.reachable(pz, self.stores[node].zone);
                 let write = matches!(req, Req::Append { .. } | Req::Fence { probe: false, .. });
-                if !ok || self.chance(LOSS_PERCENT) {
+                if !ok || self.lost() {
                     // The sender times out.
                     self.net.push(store_resp(&m, None));
                 } else if self.generations
@@ -717,12 +738,12 @@ impl Sim {
                 }
             }
             Body::RegReq(op) => {
-                let result = if !self.registers_available(m.p) || self.chance(LOSS_PERCENT) {
+                let result = if !self.registers_available(m.p) || self.lost() {
                     None
                 } else {
                     let result = self.apply(&route, &op);
                     // A lost answer: the change landed, the proposer does not know.
-                    (!self.chance(LOSS_PERCENT)).then_some(result)
+                    (!self.lost()).then_some(result)
                 };
                 self.net.push(Msg {
                     body: Body::RegResp(op, result),
@@ -739,7 +760,7 @@ impl Sim {
                 if self.procs[m.p].status == Status::Crashed || self.procs[m.p].inc != m.inc {
                     return;
                 }
-                let resp = if resp.is_some() && self.chance(LOSS_PERCENT) {
+                let resp = if resp.is_some() && self.lost() {
                     None
                 } else {
                     resp
@@ -1335,6 +1356,7 @@ impl Sim {
     /// Scenario hook: while one process recovers a log, another one takes it over too.
     fn third_owner(&mut self, p: usize, log: usize) {
         let percent = match self.scenario {
+            _ if self.calm => 0,
             Scenario::FenceDuringRecovery => 50,
             Scenario::Mixed => 5,
             _ => 0,
@@ -1695,7 +1717,7 @@ impl Sim {
 
     fn step(&mut self) {
         self.step += 1;
-        if self.rng.random_range(0..1000) < 25 {
+        if !self.calm && self.rng.random_range(0..1000) < 25 {
             let r = self.rng.random_range(0..140);
             self.fault(r);
             return;
@@ -1710,7 +1732,11 @@ impl Sim {
                 let busy: Vec<usize> = (0..self.stores.len())
                     .filter(|n| !self.stores[*n].pending.is_empty())
                     .collect();
-                if !busy.is_empty() {
+                if self.calm {
+                    for n in busy {
+                        self.fsync(n);
+                    }
+                } else if !busy.is_empty() {
                     let n = busy[self.rng.random_range(0..busy.len())];
                     self.fsync(n);
                 }
@@ -1888,6 +1914,61 @@ impl Sim {
             .collect();
         self.prev_ends.extend(sealed);
         self.checked_acked = self.acked.len();
+        Ok(())
+    }
+
+    /// Heal every fault and inject none: ownership must settle, each log with one writer
+    /// that every process agrees on and that gets appends acknowledged.
+    fn settle(&mut self) -> Result<(), String> {
+        self.calm = true;
+        self.partition = None;
+        for s in &mut self.stores {
+            s.up = true;
+        }
+        for p in 0..self.procs.len() {
+            self.procs[p].forced_until = vec![0; LOGS];
+            if let Status::Paused { .. } = self.procs[p].status {
+                self.procs[p].status = Status::Running;
+            }
+            let id = self.procs[p].id;
+            let taken = self
+                .procs
+                .iter()
+                .any(|q| q.id == id && q.status != Status::Crashed);
+            if self.procs[p].status == Status::Crashed && !taken {
+                let old = &self.procs[p];
+                let clock = self.rng.random_range(0..1_000_000);
+                self.procs[p] = Proc::new(old.id, old.zone, old.rate, old.inc + 1, clock);
+            }
+        }
+        let before = self.acked.len();
+        for _ in 0..CALM_STEPS {
+            self.step();
+            self.check()?;
+        }
+        for log in 0..LOGS {
+            let writers: Vec<usize> = (0..self.procs.len())
+                .filter(|p| {
+                    self.procs[*p].status == Status::Running
+                        && matches!(self.procs[*p].holds[log], Hold::Writing { .. })
+                })
+                .collect();
+            let [p] = writers[..] else {
+                return Err(format!(
+                    "ownership did not settle: log {log} has writers {writers:?} after \
+                     {CALM_STEPS} calm steps"
+                ));
+            };
+            let Hold::Writing { w, .. } = self.procs[p].holds[log] else {
+                unreachable!("a writer holds its log");
+            };
+            if !self.acked[before..].iter().any(|a| a.w == w) {
+                return Err(format!(
+                    "ownership did not settle: log {log}'s writer {w} got nothing \
+                     acknowledged in {CALM_STEPS} calm steps"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -2091,6 +2172,34 @@ impl Sim {
         for (step, now, e) in &self.trace {
             out.push_str(&format!("  {step:5} {now:6} {e:?}\n"));
         }
+        out.push_str(&format!(
+            "{} messages in flight; processes:\n",
+            self.net.len()
+        ));
+        if self.trace_len == usize::MAX {
+            for m in &self.net {
+                out.push_str(&format!("  {m:?}\n"));
+            }
+        }
+        for (i, p) in self.procs.iter().enumerate() {
+            let holds: Vec<String> = p
+                .holds
+                .iter()
+                .map(|h| match h {
+                    Hold::Idle => "idle".to_string(),
+                    Hold::Taking { w, t, .. } => format!("taking w{w} {t:?}"),
+                    Hold::Writing { w, quorum, .. } => {
+                        format!("writing w{w} resolved {}", quorum.resolved())
+                    }
+                })
+                .collect();
+            out.push_str(&format!(
+                "  p{i} {:?} {:?} view {} {holds:?}\n",
+                p.status,
+                p.generation,
+                p.view.len()
+            ));
+        }
         out
     }
 }
@@ -2103,6 +2212,9 @@ fn run(seed: u64, scenario: Scenario, protocol: Protocol) -> Result<Stats, Strin
         if let Err(v) = sim.check() {
             return Err(sim.failure(&v));
         }
+    }
+    if let Err(v) = sim.settle() {
+        return Err(sim.failure(&v));
     }
     if let Err(v) = sim.audit() {
         return Err(sim.failure(&v));
