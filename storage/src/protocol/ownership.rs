@@ -692,4 +692,43 @@ mod tests {
         t.on_opened(Ok(()));
         assert_eq!(t.outcome(), Some(Ok(epoch)));
     }
+
+    #[test]
+    fn a_takeover_overtaken_while_recovering_gives_up() {
+        let seg = SegmentMeta {
+            id: SegmentId(7),
+            epoch: Epoch(1),
+            ensemble: vec![id(1), id(2), id(3)],
+            ack_quorum: 2,
+            end: None,
+            under_replicated: false,
+        };
+        let mut meta = LogMeta {
+            epoch: Epoch(1),
+            segments: vec![seg],
+            ..LogMeta::default()
+        };
+        let (mut t, _) = Takeover::start();
+        raise_epoch(&mut meta, id(9)).unwrap();
+        t.on_raised(Ok(meta));
+        let fenced = FenceAnswer::Fenced {
+            last_entry: Some(4),
+            lac: Some(3),
+            end: None,
+        };
+        t.on_fence(0, fenced);
+        assert!(!t.on_fence(1, fenced).is_empty(), "reads entry 4");
+        assert_eq!(t.fenced_tail(), Some(Some(4)));
+        // A third owner's fence reaches a member first: this recovery stops.
+        t.on_read(2, 4, EntryAnswer::Superseded(3));
+        assert_eq!(
+            t.outcome(),
+            Some(Err(TakeoverFailure::Superseded(Epoch(3))))
+        );
+        assert!(t.on_opened(Ok(())).is_empty());
+        assert_eq!(
+            t.outcome(),
+            Some(Err(TakeoverFailure::Superseded(Epoch(3))))
+        );
+    }
 }
