@@ -654,16 +654,24 @@ async fn refresh_topology(node: Weak<Node>) {
     }
 }
 
-/// How often a node checks that the durable queues it serves are still its own.
+/// How often a node checks that the durable queues it serves are still its own, and offers
+/// misplaced idle queues a hand-off.
 const OWNERSHIP_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// With a membership view, descriptors are read when the view changes (the only time
+/// another live node may decide to take a queue over) and otherwise every this many checks.
+const DESCRIPTOR_SWEEP_EVERY: u64 = 15;
 
-/// Stop serving queues another compute node took over. Fencing already keeps such an
-/// owner from writing; this also keeps it from serving stale reads until its next write.
+/// Stop serving queues another compute node took over, and hand idle queues to their
+/// rendezvous owner. Fencing already keeps a superseded owner from writing; the check also
+/// keeps it from serving stale reads until its next write.
 async fn watch_ownership(node: Weak<Node>) {
     let mut tick = tokio::time::interval(OWNERSHIP_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_view: Option<Arc<crate::cluster::membership::ClusterView>> = None;
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        ticks += 1;
         let Some(node) = node.upgrade() else {
             return;
         };
@@ -681,11 +689,16 @@ async fn watch_ownership(node: Weak<Node>) {
                 .collect()
         };
         let view = node.membership.as_ref().map(|m| m.view());
+        let view_changed = match (&view, &last_view) {
+            (Some(v), Some(l)) => !Arc::ptr_eq(v, l),
+            _ => true,
+        };
+        last_view.clone_from(&view);
+        let sweep = view.is_none() || view_changed || ticks.is_multiple_of(DESCRIPTOR_SWEEP_EVERY);
         for (handle, log) in owned {
-            let Ok(Some(raw)) = node.meta.get(&descriptor_key(log)).await else {
-                continue;
-            };
-            if let Ok(d) = serde_json::from_slice::<QueueDescriptor>(&raw)
+            if sweep
+                && let Ok(Some(raw)) = node.meta.get(&descriptor_key(log)).await
+                && let Ok(d) = serde_json::from_slice::<QueueDescriptor>(&raw)
                 && d.owner != node.node_id
             {
                 handle.send(QueueCmd::Superseded).await;
