@@ -334,7 +334,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             for addr in &amqp_addrs {
                 wait_until_accepting(*addr, &mut nodes).await?;
             }
-            anyhow::Ok(())
+            let compute: Vec<(String, SocketAddr)> =
+                compute_names.iter().cloned().zip(amqp_addrs.iter().copied()).collect();
+            wait_until_joined(&registers, &compute, &mut nodes).await
         } => ready,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted before the cluster was ready")),
     };
@@ -445,6 +447,37 @@ async fn wait_until_registered(
             anyhow::bail!("storage nodes did not all register in time");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until every compute node of this run is an active member (with the AMQP address it
+/// has in this run), so that every node sees the same members, and so the same queue owners,
+/// from the first client on.
+async fn wait_until_joined(
+    registers: &warren_storage::client::Registers,
+    expected: &[(String, SocketAddr)],
+    nodes: &mut [Node],
+) -> anyhow::Result<()> {
+    use warren_storage::meta::{COMPUTE_NODES_KEY, ComputeRegistry, MemberState};
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(value)) = registers.get(COMPUTE_NODES_KEY).await
+            && let Ok(registry) = serde_json::from_slice::<ComputeRegistry>(&value)
+        {
+            let joined = expected.iter().all(|(name, addr)| {
+                registry.nodes.values().any(|n| {
+                    &n.name == name && n.amqp_addr == *addr && n.state == MemberState::Active
+                })
+            });
+            if joined {
+                return Ok(());
+            }
+        }
+        check_children(nodes)?;
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("compute nodes did not all join the cluster in time");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
