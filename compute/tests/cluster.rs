@@ -518,3 +518,107 @@ async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    let c = start_node(&storage, "compute-2").await;
+    let nodes = [&a, &b, &c];
+    converge(&nodes).await;
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("shared".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    owner_index(&storage, &nodes, "shared").await;
+    let before = descriptor(&storage, a.node(), "shared").await.unwrap();
+    // A consumer on every node, then a publisher on every node.
+    let mut conns = Vec::new();
+    let mut consumers = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let conn = connect(&url(n)).await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+        consumers.push(
+            ch.basic_consume(
+                "shared".into(),
+                format!("c{i}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        conns.push(conn);
+    }
+    let mut publishers = Vec::new();
+    for (i, conn) in conns.iter().enumerate() {
+        let ch = conn.create_channel().await.unwrap();
+        publishers.push(tokio::spawn(async move {
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let mut confirms = Vec::new();
+            for j in 0..100u32 {
+                let id = i as u32 * 1000 + j;
+                confirms.push(
+                    ch.basic_publish(
+                        "".into(),
+                        "shared".into(),
+                        BasicPublishOptions::default(),
+                        &id.to_be_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+                );
+            }
+            for c in confirms {
+                assert!(timeout(STEP, c).await.unwrap().unwrap().is_ack());
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    // Every message is delivered exactly once across the three consumers.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for mut consumer in consumers {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let id = u32::from_be_bytes(d.data[..4].try_into().unwrap());
+                assert!(!d.redelivered, "no takeover, so nothing is redelivered");
+                d.ack(BasicAckOptions::default()).await.unwrap();
+                if tx.send(id).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut seen = Vec::new();
+    while seen.len() < 300 {
+        let id = timeout(STEP, rx.recv())
+            .await
+            .expect("deliveries timed out")
+            .unwrap();
+        seen.push(id);
+    }
+    seen.sort_unstable();
+    let want: Vec<u32> = (0..3u32)
+        .flat_map(|i| (0..100).map(move |j| i * 1000 + j))
+        .collect();
+    assert_eq!(seen, want, "each message delivered once");
+    let after = descriptor(&storage, a.node(), "shared").await.unwrap();
+    assert_eq!(before, after, "one owner and one epoch throughout");
+    for t in tasks {
+        t.abort();
+    }
+    drop(conns);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
