@@ -625,6 +625,32 @@ impl WarrenDev {
             .with_context(|| format!("warren ctl {} printed no JSON: {stdout}", args.join(" ")))
     }
 
+    /// Wait until `warren ctl nodes` lists `name` as an active member whose lease is being
+    /// renewed (e.g. after [`WarrenDev::restart_node`] of a compute node, before the next
+    /// fault, so that every node agrees on it again).
+    pub fn wait_member(&self, name: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            // Long enough to see a heartbeat move at the default renewal period (1 s).
+            match self.ctl_json(&["nodes", "--sample-ms", "1300"]) {
+                Ok(rows) => {
+                    let member = rows.as_array().is_some_and(|rows| {
+                        rows.iter().any(|r| {
+                            r["name"] == name && r["state"] == "active" && r["renewing"] == true
+                        })
+                    });
+                    if member {
+                        return Ok(());
+                    }
+                    last = rows.to_string();
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        bail!("{name} is not a renewing member after {timeout:?}; last: {last}")
+    }
+
     /// Stop the nodes the harness started (gracefully, then SIGKILL) and reap them.
     fn stop_owned(&self, grace: Duration) {
         let mut owned = std::mem::take(&mut *self.owned.lock().unwrap_or_else(|e| e.into_inner()));

@@ -102,6 +102,8 @@ async fn cluster_nodes_are_named_zoned_and_controlled_one_by_one() {
         .unwrap();
     dev.kill("compute-0").unwrap();
     dev.restart_node("compute-0").unwrap();
+    dev.wait_member("compute-0", Duration::from_secs(30))
+        .unwrap();
     assert_broker_serves(dev.amqp_url()).await.unwrap();
 
     // A zone goes down as a whole; the other zones keep running.
