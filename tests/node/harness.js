@@ -38,11 +38,55 @@ function unique(prefix) {
   return `${prefix}-${crypto.randomBytes(6).toString('hex')}`;
 }
 
+// The first of `n` consecutive free loopback ports (released before use).
+async function freePortRange(n) {
+  const bindable = (port) => new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+  });
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const first = await freePort();
+    let free = first + n <= 65536;
+    for (let port = first + 1; free && port < first + n; port++) free = await bindable(port);
+    if (free) return first;
+  }
+  throw new Error(`found no ${n} consecutive free ports`);
+}
+
 class WarrenDev {
-  static async start() {
+  // `compute` compute nodes over `zones` zones (`warren dev --compute N --zones Z`); `urls`
+  // then holds one URL per compute node, compute-0 first.
+  static async start(compute = 1, zones = 3) {
     const dev = new WarrenDev();
+    dev.compute = compute;
+    dev.zones = zones;
     await dev._start();
     return dev;
+  }
+
+  // SIGKILL one node of this cluster (e.g. 'compute-1') and wait until it is gone.
+  async kill(name) {
+    const pid = Number(fs.readFileSync(path.join(this.root, 'data', 'run', `${name}.pid`), 'utf8').trim());
+    const stat = () => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      } catch {
+        return null;
+      }
+    };
+    const fields = (stat() || '').split(')').pop().trim().split(/\s+/);
+    // Only a member of this cluster's process group, never a recycled pid.
+    if (Number(fields[2]) !== this.proc.pid) throw new Error(`${name} (pid ${pid}) is not part of this cluster`);
+    process.kill(pid, 'SIGKILL');
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const now = stat();
+      if (now === null || now.split(')').pop().trim().startsWith('Z')) return;
+      if (Date.now() > deadline) throw new Error(`${name} did not die`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
 
   async _start() {
@@ -53,18 +97,22 @@ class WarrenDev {
     }
     this.logPath = path.join(this.root, 'warren-dev.log');
     const log = fs.openSync(this.logPath, 'a');
-    const [amqpPort, httpPort] = [await freePort(), await freePort()];
+    const [amqpPort, httpPort] = [await freePortRange(this.compute), await freePort()];
+    const shape = this.compute !== 1 || this.zones !== 3
+      ? ['--compute', String(this.compute), '--zones', String(this.zones)]
+      : [];
     // The guard stops the cluster when our end of its stdin closes, even if this process
     // dies without cleaning up.
     const guard = path.join(ROOT, 'tests', 'warren-dev-guard.sh');
     this.proc = spawn('/bin/sh', [guard, bin, 'dev', '--data-dir', path.join(this.root, 'data'),
-      '--amqp-port', String(amqpPort), '--http-port', String(httpPort)], {
+      '--amqp-port', String(amqpPort), '--http-port', String(httpPort), ...shape], {
       stdio: ['pipe', 'pipe', log],
       detached: true, // its own process group
     });
     fs.closeSync(log);
-    this.url = await new Promise((resolve, reject) => {
+    this.urls = await new Promise((resolve, reject) => {
       let buffered = '';
+      const urls = [];
       const timer = setTimeout(() => fail(new Error('warren dev printed no amqp:// URL in time')),
         READY_TIMEOUT_MS);
       const fail = (err) => {
@@ -74,10 +122,13 @@ class WarrenDev {
       };
       this.proc.stdout.on('data', (chunk) => {
         buffered += chunk.toString();
-        for (const line of buffered.split('\n')) {
-          if (line.trim().startsWith('amqp://')) {
+        const lines = buffered.split('\n');
+        buffered = lines.pop();
+        for (const line of lines) {
+          if (line.trim().startsWith('amqp://')) urls.push(normalizeUrl(line));
+          if (urls.length === this.compute) {
             clearTimeout(timer);
-            resolve(normalizeUrl(line));
+            resolve(urls);
             return;
           }
         }
@@ -85,6 +136,7 @@ class WarrenDev {
       this.proc.on('exit', (code, signal) => fail(new Error(`warren dev exited (${code ?? signal})`)));
       this.proc.on('error', fail);
     });
+    this.url = this.urls[0];
     this.proc.removeAllListeners('exit');
     this.proc.stdout.resume();
   }
@@ -117,4 +169,4 @@ async function broker() {
   return WarrenDev.start();
 }
 
-module.exports = { broker, unique, normalizeUrl };
+module.exports = { broker, unique, normalizeUrl, WarrenDev };
