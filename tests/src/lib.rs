@@ -478,6 +478,8 @@ impl WarrenDev {
             Some(stdin) => drop(stdin),
             None => send_signal(pid, "TERM", false)?,
         }
+        // A paused node must run to see the request.
+        let _ = send_signal(pid, "CONT", false);
         wait_gone(pid, false, STOP_GRACE);
         if alive(pid, false) {
             let _ = send_signal(pid, "KILL", false);
@@ -698,6 +700,10 @@ impl WarrenDev {
     /// Stop the cluster gracefully (the guard sends SIGTERM to `warren dev` when its stdin
     /// closes), killing whatever is left after a grace period.
     pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(group) = self.process_group() {
+            // A paused node would sit out the whole grace period.
+            let _ = send_signal(group, "CONT", true);
+        }
         self.stop_owned(STOP_GRACE);
         if let Some(mut child) = self.child.take() {
             let pgid = child.id();
