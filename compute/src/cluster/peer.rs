@@ -54,6 +54,9 @@ use crate::queue::{ChannelKey, ConnEvent, ConnSink, ConsumerId, Delivery, QueueC
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long dialing a peer may take before the queue counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A proxy with nothing depending on it (no consumer, no publish awaiting a confirm, no
+/// basic.get that may still be acked) closes its session after this long unused.
+const PROXY_IDLE: Duration = Duration::from_secs(60);
 /// Events decoded from a stream but not yet handled by its proxy.
 const EVENT_QUEUE: usize = 256;
 /// Commands a proxy encodes into one stream write.
@@ -227,6 +230,8 @@ impl Peers {
             consumers: HashMap::new(),
             inflight: HashMap::new(),
             counted: HashSet::new(),
+            holding: HashSet::new(),
+            last_used: tokio::time::Instant::now(),
         };
         debug!(queue = name, %addr, "forwarding queue to its owner");
         tokio::spawn(proxy.run(rx, ev_rx, owner, view));
@@ -328,9 +333,22 @@ struct Proxy {
     inflight: HashMap<(u64, u64), (Arc<Message>, ConfirmTo)>,
     /// Deliveries counted against a channel-wide limit, by (channel serial, seq).
     counted: HashSet<(u64, u64)>,
+    /// Channels holding a basic.get they may still ack (closing the session would requeue
+    /// it under them).
+    holding: HashSet<u64>,
+    /// When the proxy last had something to do.
+    last_used: tokio::time::Instant,
 }
 
 impl Proxy {
+    /// Nothing depends on the session: it can end without anyone noticing.
+    fn idle(&self) -> bool {
+        self.consumers.is_empty()
+            && self.inflight.is_empty()
+            && self.pending.is_empty()
+            && self.holding.is_empty()
+    }
+
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<QueueCmd>,
@@ -338,9 +356,22 @@ impl Proxy {
         owner: NodeId,
         mut view: Option<watch::Receiver<Arc<ClusterView>>>,
     ) {
+        let mut idle = false;
         let deleted = loop {
+            let idle_at = self.last_used + PROXY_IDLE;
             tokio::select! {
                 biased;
+                () = tokio::time::sleep_until(idle_at), if self.idle() => {
+                    if !rx.is_empty() {
+                        self.last_used = tokio::time::Instant::now();
+                        continue;
+                    }
+                    // A queue no longer used through this node gives its stream back; the
+                    // next use opens a new session.
+                    debug!(queue = %self.name, "closing an idle session with the queue's owner");
+                    idle = true;
+                    break false;
+                }
                 changed = async {
                     match view.as_mut() {
                         Some(v) => v.changed().await,
@@ -371,6 +402,7 @@ impl Proxy {
                 cmd = rx.recv() => {
                     // The proxy holds a sender itself, so the channel never closes under it.
                     let Some(cmd) = cmd else { break false };
+                    self.last_used = tokio::time::Instant::now();
                     self.on_cmd(cmd);
                     let mut n = 1;
                     while n < MAX_BATCH {
@@ -394,7 +426,7 @@ impl Proxy {
         while let Ok(cmd) = rx.try_recv() {
             dropped.push(cmd);
         }
-        self.stop(deleted, dropped);
+        self.stop(deleted, idle, dropped);
     }
 
     fn req(&mut self, p: Pending) -> u64 {
@@ -485,6 +517,7 @@ impl Proxy {
                 }
             }
             QueueCmd::ChannelClosed { channel } => {
+                self.holding.remove(&channel.serial);
                 self.counted.retain(|(s, _)| *s != channel.serial);
                 self.consumers.retain(|_, c| c.channel != channel);
                 PeerRequest::ChannelClosed {
@@ -496,6 +529,9 @@ impl Proxy {
                 no_ack,
                 reply,
             } => {
+                if !no_ack {
+                    self.holding.insert(channel.serial);
+                }
                 let req = self.req(Pending::Get(reply));
                 PeerRequest::Get {
                     req,
@@ -714,7 +750,7 @@ impl Proxy {
 
     /// The session is over: publishes waiting for a confirm go back to their connections
     /// (confirmed if the queue was deleted, as RabbitMQ does), consumers are cancelled.
-    fn stop(mut self, deleted: bool, dropped: Vec<QueueCmd>) {
+    fn stop(mut self, deleted: bool, idle: bool, dropped: Vec<QueueCmd>) {
         let name = self.name.clone();
         for cmd in dropped {
             hand_back(cmd, deleted, &name);
@@ -742,7 +778,7 @@ impl Proxy {
             });
         }
         let _ = self.send.finish();
-        if !deleted {
+        if !deleted && !idle {
             info!(queue = %name, "session with the queue's owner ended; its clients fail over");
         }
     }
