@@ -140,3 +140,25 @@ fn impossible_cluster_shape_is_refused_by_flag() {
     };
     assert!(err.contains("--storage-per-zone"), "{err}");
 }
+
+#[test]
+fn taken_amqp_port_is_refused_by_node_name() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    // compute-1 would listen on port + 1; the taken port is compute-0's.
+    let out = std::process::Command::new(warren_tests::warren_bin().unwrap())
+        .args(["dev", "--compute", "2", "--amqp-port", &port.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("AMQP port {port} for compute-0 is not free")),
+        "{err}"
+    );
+}
