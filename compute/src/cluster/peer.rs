@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -836,6 +836,15 @@ pub async fn serve(node: Weak<Node>, endpoint: quinn::Endpoint) {
     }
 }
 
+/// What a session's reader tells its writer.
+#[derive(Default)]
+struct SessionFlags {
+    /// The queue was deleted through this session.
+    deleted: AtomicBool,
+    /// Requests whose answer has not been queued for the writer yet.
+    outstanding: AtomicUsize,
+}
+
 /// Per-session translation between the proxy's ids and the owner's.
 #[derive(Default)]
 struct SessionMaps {
@@ -920,7 +929,7 @@ async fn serve_session(
     let (sink, sink_rx) = mpsc::unbounded_channel::<ConnEvent>();
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<PeerEvent>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
-    let deleted = Arc::new(AtomicBool::new(false));
+    let flags = Arc::new(SessionFlags::default());
     tokio::spawn(write_session(
         send,
         sink_rx,
@@ -928,7 +937,7 @@ async fn serve_session(
         done_rx,
         maps.clone(),
         handle.clone(),
-        deleted.clone(),
+        flags.clone(),
     ));
     let mut session = Session {
         node,
@@ -936,7 +945,7 @@ async fn serve_session(
         sink,
         replies: reply_tx,
         maps: maps.clone(),
-        deleted,
+        flags,
     };
     'read: loop {
         let mut cmds = Vec::new();
@@ -986,7 +995,7 @@ struct Session {
     sink: ConnSink,
     replies: mpsc::UnboundedSender<PeerEvent>,
     maps: Arc<Mutex<SessionMaps>>,
-    deleted: Arc<AtomicBool>,
+    flags: Arc<SessionFlags>,
 }
 
 impl Session {
@@ -1007,10 +1016,13 @@ impl Session {
         f: impl FnOnce(T) -> PeerEvent + Send + 'static,
     ) {
         let replies = self.replies.clone();
+        let flags = self.flags.clone();
+        flags.outstanding.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             if let Ok(v) = rx.await {
                 let _ = replies.send(f(v));
             }
+            flags.outstanding.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -1205,10 +1217,10 @@ impl Session {
                     if_empty,
                     reply: tx,
                 });
-                let deleted = self.deleted.clone();
+                let flags = self.flags.clone();
                 self.answer(rx, move |r| {
                     if r.is_ok() {
-                        deleted.store(true, Ordering::Release);
+                        flags.deleted.store(true, Ordering::Release);
                     }
                     PeerEvent::Deleted {
                         req,
@@ -1233,7 +1245,7 @@ async fn write_session(
     mut done: oneshot::Receiver<()>,
     maps: Arc<Mutex<SessionMaps>>,
     handle: QueueHandle,
-    deleted: Arc<AtomicBool>,
+    flags: Arc<SessionFlags>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -1259,8 +1271,14 @@ async fn write_session(
             }
             () = handle.0.tx.closed() => {
                 // Let the owner's last events and answers (cancellations, delete-ok)
-                // through before saying the session is over.
-                tokio::task::yield_now().await;
+                // through before saying the session is over. A stopped owner has answered
+                // or dropped every request, so this wait is short; it is bounded anyway.
+                let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                while flags.outstanding.load(Ordering::Acquire) > 0
+                    && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 while let Ok(r) = replies.try_recv() {
                     wire::encode_event(&r, &mut buf);
                 }
@@ -1268,7 +1286,9 @@ async fn write_session(
                     encode_conn_event(ev, &maps, &mut buf);
                 }
                 wire::encode_event(
-                    &PeerEvent::Closed { deleted: deleted.load(Ordering::Acquire) },
+                    &PeerEvent::Closed {
+                        deleted: flags.deleted.load(Ordering::Acquire),
+                    },
                     &mut buf,
                 );
                 let _ = send.write_all(&buf).await;
