@@ -162,3 +162,98 @@ fn taken_amqp_port_is_refused_by_node_name() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_cluster_spreads_six_storage_nodes_and_confirms_durable_messages() {
+    use futures_lite::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+
+    let opts = ClusterOpts {
+        storage_per_zone: 2,
+        strict: true,
+        ..ClusterOpts::new(1, 3)
+    };
+    let dev = tokio::task::spawn_blocking(move || WarrenDev::start_cluster(opts))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dev.storage_names().len(), 6);
+    for (i, name) in dev.storage_names().iter().enumerate() {
+        let zone = ["zone-a", "zone-b", "zone-c"][i % 3];
+        assert_eq!(dev.zone_of(name).unwrap(), zone, "{name}");
+    }
+    let compute_config =
+        std::fs::read_to_string(dev.node_info("compute-0").unwrap().config).unwrap();
+    let replication: Vec<&str> = compute_config
+        .lines()
+        .skip_while(|l| l.trim() != "[replication]")
+        .take(4)
+        .collect();
+    assert_eq!(
+        replication,
+        [
+            "[replication]",
+            "write_quorum = 6",
+            "ack_quorum = 4",
+            "per_zone = 2"
+        ]
+    );
+
+    let work = async {
+        let conn =
+            lapin::Connection::connect(dev.amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let queue = warren_tests::unique_name("strict");
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        for i in 0..10u32 {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    i.to_string().as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(confirm.is_ack(), "message {i}: {confirm:?}");
+        }
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "strict".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for i in 0..10u32 {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            assert_eq!(delivery.data, i.to_string().as_bytes());
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), work)
+        .await
+        .expect("strict round trip did not finish");
+}
