@@ -273,7 +273,7 @@ impl Node {
         }
         let id = self.next_id();
         let key = (vhost.to_string(), def.name.clone());
-        if let Some((owner, addr)) = self.remote_owner(vhost, def).await {
+        if let Some((owner, addr)) = self.remote_owner(vhost, def).await? {
             if from_peer {
                 return Err(AmqpError::internal(format!(
                     "node {owner} owns this queue, not this node"
@@ -365,17 +365,27 @@ impl Node {
     /// The node that should own `def` and its peer address, when that is not this node.
     /// Durable queues only: transient and exclusive queues live where they were declared.
     /// Sticky: the owner recorded in the queue's descriptor keeps the queue while it is a
-    /// live member; otherwise rendezvous hashing over the live members decides.
-    async fn remote_owner(&self, vhost: &str, def: &QueueDef) -> Option<(NodeId, SocketAddr)> {
+    /// live member; otherwise rendezvous hashing over the live members decides. An error
+    /// when this node is not a live member itself.
+    async fn remote_owner(
+        &self,
+        vhost: &str,
+        def: &QueueDef,
+    ) -> Result<Option<(NodeId, SocketAddr)>, AmqpError> {
         if !def.durable || def.exclusive {
-            return None;
+            return Ok(None);
         }
-        let view = self.membership.as_ref()?.view();
-        self.peers.get()?;
-        if !view.members.contains_key(&self.node_id) {
-            // Not a live member (evicted, rejoining): nothing to route by; a takeover
-            // attempt fails at storage, which refuses this generation.
-            return None;
+        let (Some(membership), Some(_)) = (&self.membership, self.peers.get()) else {
+            return Ok(None);
+        };
+        let view = membership.view();
+        if *self.shutdown.borrow() || !view.members.contains_key(&self.node_id) {
+            // Stopping, leaving, or evicted and not yet joined again: this node must not
+            // take queues over (a leaving node is not refused by storage, and would fence
+            // the live owner), and it has no view to route by.
+            return Err(AmqpError::internal(
+                "this compute node is not a live cluster member",
+            ));
         }
         let recorded = match self.meta.get(&descriptor_key(def.log_id)).await {
             Ok(Some(raw)) => serde_json::from_slice::<QueueDescriptor>(&raw)
@@ -384,12 +394,13 @@ impl Node {
             _ => None,
         };
         let key = ownership::queue_key(vhost, &def.name);
-        let owner = ownership::sticky_owner(view.members.keys(), &key, recorded)?;
+        let Some(owner) = ownership::sticky_owner(view.members.keys(), &key, recorded) else {
+            return Ok(None);
+        };
         if owner == self.node_id {
-            return None;
+            return Ok(None);
         }
-        let addr = view.members.get(&owner)?.peer_addr;
-        Some((owner, addr))
+        Ok(view.members.get(&owner).map(|r| (owner, r.peer_addr)))
     }
 
     /// Give an idle queue this node owns to `to`: the owner stops once its hand-off mark is
