@@ -46,10 +46,13 @@ for report in "$out"/reports/*.json; do
     [ -e "$report" ] && echo "checker report: $(cat "$report")"
 done
 
-python3 - "$out" "$elapsed" "$status" >"$out/table.md" <<'EOF'
-import json, os, re, sys
+revision=$(git describe --always --dirty 2>/dev/null || echo unknown)
+cores=$(nproc 2>/dev/null || echo "?")
+python3 - "$out" "$elapsed" "$status" "$revision" "$cores" >"$out/table.md" <<'EOF'
+import datetime, json, os, re, sys
 
 out, elapsed, status = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+revision, cores = sys.argv[4], sys.argv[5]
 log = open(os.path.join(out, "test.log"), errors="replace").read()
 outcomes = {}
 for name, result in re.findall(r"^test (\w+) \.\.\. (ok|FAILED)", log, re.M):
@@ -99,7 +102,10 @@ for name, r in sorted(reports.items()):
             f"| {name} | {f['fault']} | {ms(f['first_confirm_ms'])} | {ms(f['max_gap_ms'])} |"
         )
 print()
-print(f"All scenarios ran in {elapsed} s (test exit status {status}).")
+print(
+    f"All scenarios ran in {elapsed} s (test exit status {status}), "
+    f"{datetime.date.today().isoformat()}, revision {revision}, {cores} cores."
+)
 EOF
 
 echo
