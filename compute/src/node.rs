@@ -114,7 +114,46 @@ impl Node {
             tokio::spawn(refresh_topology(Arc::downgrade(&node)));
             tokio::spawn(watch_ownership(Arc::downgrade(&node)));
         }
+        if let Some(storage) = &node.storage {
+            let weak = Arc::downgrade(&node);
+            // The task ends with the process; a node's storage client lives as long.
+            drop(
+                storage.spawn_repair(REPAIR_INTERVAL, move || match weak.upgrade() {
+                    Some(node) => node.logs_to_repair(),
+                    None => Vec::new(),
+                }),
+            );
+        }
         Ok(node)
+    }
+
+    /// The logs this node keeps fully replicated in the background: those of the durable
+    /// queues whose rendezvous owner it is, whether or not they are open (an open queue's
+    /// owner also repairs its log as it writes). Each log has one such node, and the
+    /// repair claim in the log descriptor keeps two nodes from repairing it at once.
+    fn logs_to_repair(&self) -> Vec<LogId> {
+        let Some(membership) = &self.membership else {
+            return Vec::new();
+        };
+        let view = membership.view();
+        let mut logs = Vec::new();
+        for vhost in self.topology.vhosts() {
+            let Some(topo) = self.topology.snapshot(&vhost) else {
+                continue;
+            };
+            for def in topo.queues.values() {
+                if def.durable
+                    && !def.exclusive
+                    && crate::cluster::ownership::owner_of(
+                        &view,
+                        &crate::cluster::ownership::queue_key(&vhost, &def.name),
+                    ) == Some(self.node_id)
+                {
+                    logs.push(def.log_id);
+                }
+            }
+        }
+        logs
     }
 
     /// Stop every queue owner on this node (it was evicted: other nodes take its queues).
@@ -563,14 +602,20 @@ impl Node {
     /// Record this node as the queue's owner at `epoch` (epochs only move forward).
     async fn claim(&self, log_id: LogId, epoch: Epoch) -> Result<(), AmqpError> {
         let me = self.node_id;
+        let mut superseded = None;
         self.meta
             .update(&descriptor_key(log_id), |cur: Option<&Bytes>| {
                 let prev: Option<QueueDescriptor> =
                     cur.and_then(|b| serde_json::from_slice(b).ok());
-                let epoch = match prev {
-                    Some(p) if p.epoch > epoch => p.epoch,
-                    _ => epoch,
-                };
+                superseded = None;
+                if let Some(p) = prev
+                    && p.epoch > epoch
+                {
+                    // A newer takeover already happened: its owner stays recorded (writing
+                    // ourselves here would send the queue back to a fenced node).
+                    superseded = Some(p.epoch);
+                    return cur.cloned();
+                }
                 let d = QueueDescriptor {
                     log_id,
                     owner: me,
@@ -579,6 +624,11 @@ impl Node {
                 serde_json::to_vec(&d).ok().map(Bytes::from)
             })
             .await?;
+        if let Some(newer) = superseded {
+            return Err(AmqpError::internal(format!(
+                "taken over at epoch {newer} by another compute node meanwhile"
+            )));
+        }
         Ok(())
     }
 
@@ -642,6 +692,9 @@ impl Node {
         Ok(())
     }
 }
+
+/// How often a node looks for under-replicated segments in the logs it looks after.
+const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How often a node re-reads the topology registers for other nodes' changes.
 const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
