@@ -622,3 +622,70 @@ async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
     b.stop().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_wide_prefetch_holds_for_a_remote_queue() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("limited".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "limited").await;
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "limited", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(5, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "limited".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            timeout(STEP, consumer.next())
+                .await
+                .expect("delivery timed out")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // The owner handed out exactly the channel's credit: 15 stay ready.
+    let q = pch
+        .queue_declare(
+            "limited".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 15);
+    // Acks give the credit back across nodes: the rest arrives.
+    for d in held.drain(..) {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    for _ in 0..15 {
+        let d = timeout(STEP, consumer.next())
+            .await
+            .expect("delivery after acks timed out")
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    a.stop().await;
+    b.stop().await;
+}
