@@ -165,6 +165,75 @@ fn skip(scenario: &str, missing: &str) {
     }
 }
 
+// ---- the checker itself, end to end -------------------------------------------------------
+
+/// Without faults the workload passes and sees no duplicate and no failed connection. With
+/// `WARREN_TEST_AMQP_URL` this runs against that broker (e.g. RabbitMQ), which proves the
+/// workload's expectations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checker_passes_without_faults() {
+    const NAME: &str = "no-fault";
+    bounded(NAME, async {
+        let broker = warren_tests::Broker::from_env_or_start().unwrap();
+        let config = WorkloadConfig::new(vec![broker.url().to_string()], &unique_name(NAME));
+        let workload = Workload::start(config).await.unwrap();
+        progress(&workload, NAME, "at all").await;
+        let report = classify(NAME, &workload.finish().await);
+        eprintln!("checker report: {}", report.to_json());
+        report.assert_passed();
+        assert!(report.confirmed >= WARMUP, "{}", report.to_json());
+        assert_eq!(report.duplicated, 0, "{}", report.to_json());
+        assert!(report.failed_sessions.is_empty(), "{}", report.to_json());
+    })
+    .await;
+}
+
+/// The checker fails a run that loses confirmed messages: confirmed messages purged from the
+/// queue behind the workload's back are reported lost. Also runs against
+/// `WARREN_TEST_AMQP_URL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checker_reports_purged_confirmed_messages_as_lost() {
+    const NAME: &str = "purged";
+    bounded(NAME, async {
+        use lapin::options::QueuePurgeOptions;
+        let broker = warren_tests::Broker::from_env_or_start().unwrap();
+        let queue = unique_name(NAME);
+        let mut config = WorkloadConfig::new(vec![broker.url().to_string()], &queue);
+        // No consumer, so confirmed messages wait in the queue to be purged; the final
+        // basic.get drain collects what is published after the purge.
+        config.consumers = 0;
+        config.drain_silence = Duration::from_millis(500);
+        config.drain_limit = Duration::from_secs(3);
+        let workload = Workload::start(config).await.unwrap();
+        progress(&workload, NAME, "before the purge").await;
+        let conn = lapin::Connection::connect(broker.url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let purged = channel
+            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .unwrap();
+        conn.close(200, "bye".into()).await.unwrap();
+        progress(&workload, NAME, "after the purge").await;
+        let report = classify(NAME, &workload.finish().await);
+        eprintln!("purged {purged}; checker report: {}", report.to_json());
+        assert!(purged > 0);
+        assert!(!report.passed(), "a run that lost {purged} messages passed");
+        assert!(
+            report.confirmed_lost > 0 && report.confirmed_lost <= u64::from(purged),
+            "purged {purged}, report {}",
+            report.to_json()
+        );
+        assert!(
+            report.drained && report.unexpected == 0,
+            "{}",
+            report.to_json()
+        );
+    })
+    .await;
+}
+
 // ---- storage faults ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
