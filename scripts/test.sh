@@ -105,12 +105,14 @@ if $against_rabbitmq; then
     # The tests that honour WARREN_TEST_AMQP_URL, and those that kill and restart the whole
     # broker, which WARREN_TEST_REFERENCE=rabbitmq points at RabbitMQ processes.
     export WARREN_TEST_REFERENCE=rabbitmq
-    rust_filter=(-p warren-tests --test bad_input --test durability)
+    rust_filter=(-p warren-tests --test bad_input --test durability --test faults)
     if cargo nextest --version >/dev/null 2>&1; then
         rust_filter+=(-E 'binary(bad_input) | test(=confirmed_persistent_stream_round_trips_in_order)
             | test(=restart_after_kill_all_recovers_confirmed_in_order_and_redelivers_unacked)
             | test(=kill_all_during_confirmed_publishes_keeps_every_confirmed_message)
-            | test(=restart_keeps_durable_topology_and_drops_transient_topology)')
+            | test(=restart_keeps_durable_topology_and_drops_transient_topology)
+            | test(=checker_passes_without_faults)
+            | test(=checker_reports_purged_confirmed_messages_as_lost)')
     fi
 else
     rust_filter=(--workspace)
