@@ -312,6 +312,7 @@ async fn zone_partition() {
     bounded(NAME, async {
         let dev = cluster(ClusterOpts::new(2, 3)).await;
         let workload = start_workload_owned(&dev, NAME, "compute-1").await;
+        let isolated_url = dev.url_of("compute-1").unwrap();
         let isolated = ["storage-1", "compute-1"];
         let pids: Vec<u32> = isolated.iter().map(|n| dev.pid_of(n).unwrap()).collect();
         workload.fault("partition zone-b (storage-1, compute-1) from the rest");
@@ -322,7 +323,13 @@ async fn zone_partition() {
         drop(partition);
         workload.heal("partition healed");
         progress(&workload, NAME, "after healing").await;
-        conclude(NAME, workload).await;
+        let report = conclude(NAME, workload).await;
+        // Proof that the cut was real: the clients of the isolated compute node lost it.
+        assert!(
+            report.failures_at(&isolated_url) > 0,
+            "no client of the isolated compute-1 noticed the partition: report {}",
+            report.to_json()
+        );
     })
     .await;
 }
