@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match cli.command {
             Command::Dev(args) => dev::run(args).await,
             Command::Storage(args) => {
@@ -61,5 +61,9 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(args) => bench::run(args).await,
             Command::Ctl(args) => ctl::run(args).await,
         }
-    })
+    });
+    // Do not wait for blocking-pool work that never ends by itself (the standard-input
+    // watcher of --exit-on-stdin-close blocks in read(2)): the role has stopped cleanly.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(250));
+    result
 }
