@@ -22,6 +22,10 @@ pub struct Message {
     pub priority: Option<u8>,
     /// The expiration property, in milliseconds, if it is a valid number.
     pub expiration_ms: Option<u64>,
+    /// A resend of a publish whose earlier attempt may have been stored (its queue's owner
+    /// was lost before it could confirm): delivered flagged redelivered, since the stored
+    /// copy may come back from the log too.
+    pub resent: bool,
 }
 
 impl Message {
@@ -44,7 +48,19 @@ impl Message {
                 .expiration()
                 .as_ref()
                 .and_then(|e| e.as_str().parse().ok()),
+            resent: false,
         }
+    }
+
+    /// This message as resent to a queue's next owner (see [`Message::resent`]).
+    pub fn as_resent(self: &std::sync::Arc<Self>) -> std::sync::Arc<Self> {
+        if self.resent {
+            return self.clone();
+        }
+        std::sync::Arc::new(Message {
+            resent: true,
+            ..(**self).clone()
+        })
     }
 
     /// Decode the properties (for headers-exchange routing and tests).

@@ -212,6 +212,7 @@ pub(super) fn to_wire(m: &Message) -> WireMessage {
         persistent: m.persistent,
         priority: m.priority,
         expiration_ms: m.expiration_ms,
+        resent: m.resent,
         properties: m.properties_raw.clone(),
         body: m.body.clone(),
     }
@@ -226,6 +227,7 @@ pub(super) fn from_wire(m: WireMessage) -> Message {
         persistent: m.persistent,
         priority: m.priority,
         expiration_ms: m.expiration_ms,
+        resent: m.resent,
     }
 }
 

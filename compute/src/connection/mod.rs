@@ -1083,7 +1083,7 @@ impl Conn {
                 confirm,
             } => {
                 let cmd = QueueCmd::Publish {
-                    msg,
+                    msg: msg.as_resent(),
                     confirm: Some(confirm),
                 };
                 self.republish(queue, vec![cmd]).await;

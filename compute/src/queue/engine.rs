@@ -418,10 +418,11 @@ impl QueueEngine {
             (a, b) => a.or(b),
         };
         let rank = self.rank_of(&msg);
+        let redelivered = msg.resent;
         self.insert_ready(Entry {
             seq,
             msg,
-            redelivered: false,
+            redelivered,
             durable,
             expires_at: ttl.map(|t| now.saturating_add(t)),
             rank,
@@ -818,6 +819,19 @@ mod tests {
         b.dispatch(&mut out);
         assert_eq!(out.len(), 3);
         assert!(limiter.release(1), "a refused queue must be woken");
+    }
+
+    #[test]
+    fn a_resent_publish_is_delivered_flagged_redelivered() {
+        // Its first attempt may be in the log the next owner replays: a second copy must
+        // not look new.
+        let mut q = QueueEngine::new();
+        q.enqueue(msg("first"), false, 0);
+        q.enqueue(msg("again").as_resent(), false, 0);
+        let (a, _) = q.get(ch(1), true, 0).unwrap();
+        let (b, _) = q.get(ch(1), true, 0).unwrap();
+        assert!(!a.redelivered);
+        assert!(b.redelivered);
     }
 
     #[test]

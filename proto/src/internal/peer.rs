@@ -43,6 +43,8 @@ pub struct WireMessage {
     pub priority: Option<u8>,
     /// The expiration property, in milliseconds.
     pub expiration_ms: Option<u64>,
+    /// A resend after the queue's owner was lost: delivered flagged redelivered.
+    pub resent: bool,
     /// The content header's property bytes, verbatim.
     pub properties: Bytes,
     /// The body.
@@ -347,6 +349,7 @@ fn put_msg(buf: &mut BytesMut, m: &WireMessage) {
     put_bool(buf, m.persistent);
     buf.put_u16(m.priority.map_or(u16::MAX, u16::from));
     buf.put_u64(m.expiration_ms.unwrap_or(NONE));
+    put_bool(buf, m.resent);
     put_bytes(buf, &m.properties);
     put_bytes(buf, &m.body);
 }
@@ -695,12 +698,14 @@ impl Body {
             p => Some(u8::try_from(p).map_err(|_| FrameError::Malformed("invalid priority"))?),
         };
         let expiration_ms = self.opt_u64()?;
+        let resent = self.bool()?;
         Ok(WireMessage {
             exchange,
             routing_key,
             persistent,
             priority,
             expiration_ms,
+            resent,
             properties: self.bytes()?,
             body: self.bytes()?,
         })
@@ -902,6 +907,7 @@ mod tests {
             persistent: true,
             priority: Some(4),
             expiration_ms: Some(60_000),
+            resent: true,
             properties: Bytes::from_static(&[0x10, 0x00, 2]),
             body: Bytes::from_static(b"hello"),
         }
@@ -914,6 +920,7 @@ mod tests {
             persistent: false,
             priority: None,
             expiration_ms: None,
+            resent: false,
             properties: Bytes::from_static(&[0, 0]),
             body: Bytes::new(),
         }
