@@ -220,7 +220,46 @@ impl Node {
     /// The owner of a declared queue: a local owner if this node owns it (starting it and
     /// taking over its log if needed), else a proxy forwarding to the owning node.
     pub async fn queue(&self, vhost: &str, def: &Arc<QueueDef>) -> Result<QueueHandle, AmqpError> {
-        self.queue_for(vhost, def, false).await
+        // A queue whose owner just died is unreachable until the owner's lease lapses and
+        // another node takes it over; a queue whose storage lost its quorum, until the
+        // quorum is back. Wait through that (as a RabbitMQ quorum queue waits for a new
+        // leader) before telling the client the queue is down.
+        let patience = std::time::Duration::from_millis(self.config.cluster.lease_ms * 2);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut view = self.membership.as_ref().map(|m| m.subscribe());
+        loop {
+            let e = match self.queue_for(vhost, def, false).await {
+                Ok(h) => return Ok(h),
+                Err(e) => e,
+            };
+            let retry = e.code == crate::error::ReplyCode::InternalError
+                && self.storage.is_some()
+                && !*self.shutdown.borrow()
+                && tokio::time::Instant::now() < deadline;
+            if !retry {
+                return Err(if e.code == crate::error::ReplyCode::InternalError {
+                    // RabbitMQ's answer for a durable queue whose home is unreachable: a
+                    // 404 on the channel, so the connection (and its other channels) live.
+                    AmqpError::not_found(format!(
+                        "queue '{}' in vhost '{vhost}' is down or inaccessible ({})",
+                        def.name, e.text
+                    ))
+                } else {
+                    e
+                });
+            }
+            tracing::debug!(queue = %def.name, vhost, error = %e, "queue unavailable; retrying");
+            let pause = std::time::Duration::from_millis(250);
+            // A membership change (the dead owner evicted) is worth an attempt at once.
+            let followed = match view.as_mut() {
+                Some(v) => !matches!(tokio::time::timeout(pause, v.changed()).await, Ok(Err(_))),
+                None => false,
+            };
+            if !followed {
+                view = None;
+                tokio::time::sleep(pause).await;
+            }
+        }
     }
 
     /// The local owner of a queue for a peer's session: never a proxy (a peer that asks
@@ -271,18 +310,7 @@ impl Node {
                 .clone()
         };
         let guard = lock.lock().await;
-        let result = self.open_queue(vhost, def, from_peer).await.map_err(|e| {
-            if e.code == crate::error::ReplyCode::InternalError {
-                // RabbitMQ's answer for a durable queue whose home is unreachable: a 404
-                // on the channel, so the connection (and its other channels) live on.
-                AmqpError::not_found(format!(
-                    "queue '{}' in vhost '{vhost}' is down or inaccessible ({})",
-                    def.name, e.text
-                ))
-            } else {
-                e
-            }
-        });
+        let result = self.open_queue(vhost, def, from_peer).await;
         drop(guard);
         {
             let mut map = match self.opening.lock() {
