@@ -6,7 +6,6 @@ mod common;
 
 use bytes::Bytes;
 use common::Cluster;
-use std::collections::BTreeSet;
 use warren_common::LogId;
 use warren_storage::StorageError;
 
@@ -14,36 +13,52 @@ use warren_storage::StorageError;
 async fn registers_stay_linearizable_under_concurrent_proposers() {
     let cluster = Cluster::start(3).await;
     let mut tasks = Vec::new();
-    for _ in 0..4 {
+    // Each update appends its own token unless it is already there: idempotent, as every
+    // change function must be (a proposal that timed out may still have been accepted, and
+    // the retry must not apply it twice).
+    for task in 0..4u8 {
         // Separate clients: separate proposer ids, dueling ballots.
         let regs = cluster.client().await.registers();
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
-            for _ in 0..10 {
+            for i in 0..10u8 {
+                let token = task * 10 + i;
                 let v = regs
                     .update("counter", |cur| {
-                        let n = cur.map_or(0, |b| u64::from_be_bytes(b[..].try_into().unwrap()));
-                        Ok::<_, ()>(Some(Bytes::copy_from_slice(&(n + 1).to_be_bytes())))
+                        let mut list = cur.map_or_else(Vec::new, |b| b.to_vec());
+                        if !list.contains(&token) {
+                            list.push(token);
+                        }
+                        Ok::<_, ()>(Some(Bytes::from(list)))
                     })
                     .await
                     .unwrap()
                     .unwrap()
                     .unwrap();
-                seen.push(u64::from_be_bytes(v[..].try_into().unwrap()));
+                assert!(
+                    v.contains(&token),
+                    "an update's result lacks its own change"
+                );
+                seen.push(v);
             }
             seen
         }));
     }
-    let mut all = BTreeSet::new();
+    let mut results = Vec::new();
     for t in tasks {
-        for v in t.await.unwrap() {
-            assert!(all.insert(v), "two updates both produced {v}");
-        }
+        results.extend(t.await.unwrap());
     }
-    assert_eq!(all, (1..=40).collect::<BTreeSet<u64>>());
     let regs = cluster.client().await.registers();
-    let v = regs.get("counter").await.unwrap().unwrap();
-    assert_eq!(u64::from_be_bytes(v[..].try_into().unwrap()), 40);
+    let last = regs.get("counter").await.unwrap().unwrap();
+    // Linearizable: every result is a state the register really went through, so each is a
+    // prefix of the final value; and every change landed exactly once.
+    for r in &results {
+        assert!(last.starts_with(r), "{r:?} is not a prefix of {last:?}");
+    }
+    let mut tokens = last.to_vec();
+    tokens.sort_unstable();
+    assert_eq!(tokens, (0..40).collect::<Vec<u8>>());
+    let v = last;
     // An aborted change writes nothing.
     let r = regs
         .update("counter", |_| Err::<Option<Bytes>, _>("no"))
