@@ -229,7 +229,7 @@ pub struct Report {
     pub drained: bool,
     /// Messages left over all queues after draining (`None` if they could not be counted).
     pub remaining: Option<u64>,
-    /// Client connections that failed, by URL.
+    /// Producer and consumer connections that failed, by URL.
     pub failed_sessions: BTreeMap<String, u64>,
     /// Publishing around each injected fault.
     pub faults: Vec<FaultTiming>,
@@ -401,7 +401,10 @@ pub fn classify(scenario: &str, history: &History) -> Report {
     report.drained = report.remaining == Some(0);
 
     for s in &history.sessions {
-        if let SessionEnd::Failed(_) = s.end {
+        // The observer's own connection attempts say nothing about what clients went through.
+        if let SessionEnd::Failed(_) = s.end
+            && s.role != Role::Observer
+        {
             *report.failed_sessions.entry(s.url.clone()).or_default() += 1;
         }
     }
@@ -1516,8 +1519,17 @@ mod tests {
 
     #[test]
     fn failed_sessions_are_counted_by_url() {
-        let r = H::new().report();
+        let mut h = H::new();
+        h.0.sessions.push(SessionRecord {
+            role: Role::Observer,
+            client: 0,
+            url: "ok".into(),
+            started: Duration::ZERO,
+            end: SessionEnd::Failed("refused".into()),
+        });
+        let r = h.report();
         assert_eq!(r.failures_at("dead"), 1);
+        // The observer's failures are not the clients'.
         assert_eq!(r.failures_at("ok"), 0);
     }
 }
