@@ -22,7 +22,8 @@
 //!   any other node gets a proxy that forwards to the owner over QUIC ([`cluster::peer`]),
 //!   so a queue used through many nodes stays put. An owner whose appends are fenced, or
 //!   whose descriptor names another node, stops; publishes it had accepted but not stored
-//!   are handed back to their connections for the new owner. Idle queues move to their
+//!   are handed back to their connections for the new owner, flagged as resends (their first
+//!   attempt may be in the log, so they are delivered as redelivered). Idle queues move to their
 //!   rendezvous owner after a join without redelivery (a hand-off mark in the log).
 //! - **Recovery.** A new owner replays the log from its trim point: enqueue records minus
 //!   settle records. Recovered messages are marked redelivered (a previous owner may have
@@ -30,7 +31,8 @@
 //!   hand-off mark; TTLs restart at recovery.
 //! - **Topology.** Durable exchanges, queues and bindings of a vhost are one JSON register
 //!   (versioned); each node keeps an immutable snapshot, refreshed every second and after
-//!   its own writes. Transient entities live only on the node that declared them.
+//!   its own writes, and re-read at once when a name is missing while other compute nodes
+//!   are live. Transient entities live only on the node that declared them.
 
 pub mod channel;
 pub mod cluster;
