@@ -553,67 +553,88 @@ async fn rejoin(inner: &Inner, lost: Generation) {
 
 /// Evict a compute member if its record is still the one seen lapsing.
 async fn evict_compute(meta: &Meta, id: NodeId, generation: Generation, heartbeat: u64) {
-    let mut evicted = None;
-    let result = meta
-        .update(COMPUTE_NODES_KEY, |cur| {
-            evicted = None;
-            let Ok(mut reg) = decode_compute(cur) else {
-                return cur.cloned();
-            };
-            match reg.nodes.get_mut(&id) {
-                Some(r)
-                    if r.generation == generation
-                        && r.heartbeat == heartbeat
-                        && r.state == MemberState::Active =>
-                {
-                    r.state = MemberState::Evicted;
-                    r.generation = Generation(generation.0 + 1);
-                    evicted = Some(r.name.clone());
-                    Some(meta::encode(&reg))
-                }
-                _ => cur.cloned(),
-            }
-        })
-        .await;
-    match (result, evicted) {
-        (Ok(_), Some(name)) => {
-            warn!(node = %id, %name, generation = generation.0, "evicted a compute node whose lease lapsed")
-        }
-        (Ok(_), None) => {}
-        (Err(e), _) => debug!(node = %id, error = %e, "evicting a compute node failed; will retry"),
-    }
+    let lapsing = Lapsing {
+        id,
+        generation,
+        heartbeat,
+    };
+    evict::<ComputeRegistry, _>(meta, COMPUTE_NODES_KEY, "compute", lapsing, |reg| {
+        reg.nodes
+            .get_mut(&id)
+            .map(|r| (&r.name, &mut r.state, &mut r.generation, r.heartbeat))
+    })
+    .await;
 }
 
 /// Evict a storage node if its record is still the one seen lapsing.
 async fn evict_storage(meta: &Meta, id: NodeId, generation: Generation, heartbeat: u64) {
+    let lapsing = Lapsing {
+        id,
+        generation,
+        heartbeat,
+    };
+    evict::<NodeRegistry, _>(meta, NODES_KEY, "storage", lapsing, |reg| {
+        reg.nodes
+            .get_mut(&id)
+            .map(|r| (&r.name, &mut r.state, &mut r.generation, r.heartbeat))
+    })
+    .await;
+}
+
+/// A member's record as an observer saw it lapse.
+#[derive(Clone, Copy)]
+struct Lapsing {
+    id: NodeId,
+    generation: Generation,
+    heartbeat: u64,
+}
+
+/// The fields of a registry record that eviction reads and changes: name, state,
+/// generation, heartbeat.
+type MemberFields<'a> = (&'a String, &'a mut MemberState, &'a mut Generation, u64);
+
+/// Mark a member Evicted with its generation raised, by CAS on the registry at `key`, but
+/// only if its record is still the one seen lapsing (same generation and heartbeat, still
+/// Active): a member that renewed or restarted meanwhile is left alone.
+async fn evict<Reg, F>(meta: &Meta, key: &str, role: &str, lapsing: Lapsing, member: F)
+where
+    Reg: Default + serde::Serialize + serde::de::DeserializeOwned,
+    F: for<'a> Fn(&'a mut Reg) -> Option<MemberFields<'a>> + Send + Sync,
+{
     let mut evicted = None;
     let result = meta
-        .update(NODES_KEY, |cur| {
+        .update(key, |cur| {
             evicted = None;
-            let Ok(mut reg) = decode_storage(cur) else {
-                return cur.cloned();
+            let mut reg: Reg = match cur {
+                Some(b) => match meta::decode(b) {
+                    Ok(r) => r,
+                    Err(_) => return cur.cloned(),
+                },
+                None => Reg::default(),
             };
-            match reg.nodes.get_mut(&id) {
-                Some(r)
-                    if r.generation == generation
-                        && r.heartbeat == heartbeat
-                        && r.state == MemberState::Active =>
+            match member(&mut reg) {
+                Some((name, state, generation, heartbeat))
+                    if *generation == lapsing.generation
+                        && heartbeat == lapsing.heartbeat
+                        && *state == MemberState::Active =>
                 {
-                    r.state = MemberState::Evicted;
-                    r.generation = Generation(generation.0 + 1);
-                    evicted = Some(r.name.clone());
-                    Some(meta::encode(&reg))
+                    *state = MemberState::Evicted;
+                    *generation = Generation(lapsing.generation.0 + 1);
+                    evicted = Some(name.clone());
                 }
-                _ => cur.cloned(),
+                _ => return cur.cloned(),
             }
+            Some(meta::encode(&reg))
         })
         .await;
     match (result, evicted) {
         (Ok(_), Some(name)) => {
-            warn!(node = %id, %name, generation = generation.0, "evicted a storage node whose lease lapsed")
+            warn!(node = %lapsing.id, %name, role, generation = lapsing.generation.0, "evicted a node whose lease lapsed")
         }
         (Ok(_), None) => {}
-        (Err(e), _) => debug!(node = %id, error = %e, "evicting a storage node failed; will retry"),
+        (Err(e), _) => {
+            debug!(node = %lapsing.id, role, error = %e, "evicting a node failed; will retry")
+        }
     }
 }
 
