@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_common::{Epoch, LogId, NodeId};
 use warren_storage::client::StorageClient;
 
@@ -205,6 +205,56 @@ impl Node {
             Err(p) => p.into_inner(),
         };
         map.get(name).cloned()
+    }
+
+    /// Hand a reply to the local consumer of `name`; false if it has none (or it is gone).
+    pub fn deliver_direct_reply(&self, name: &str, msg: Arc<Message>) -> bool {
+        match self.reply_consumer(name) {
+            Some(c) => c
+                .sink
+                .send(crate::queue::ConnEvent::DirectReply {
+                    channel: c.channel,
+                    tag: c.tag,
+                    msg,
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// The peer address of the home of reply name `name` when that is another live
+    /// compute member.
+    fn reply_home_peer(&self, name: &str) -> Option<SocketAddr> {
+        let home = crate::handlers::reply_to::reply_home(name)?;
+        if home == self.node_id {
+            return None;
+        }
+        let view = self.membership.as_ref()?.view();
+        view.members.get(&home).map(|r| r.peer_addr)
+    }
+
+    /// Whether reply name `name` is homed on another live compute member.
+    pub fn reply_home_is_peer(&self, name: &str) -> bool {
+        self.peers.get().is_some() && self.reply_home_peer(name).is_some()
+    }
+
+    /// Send a reply to the home node of `name` if that is another live member (in the
+    /// background: the publisher does not wait). False if it is not: the reply cannot be
+    /// delivered. Whether the home node still has the consumer is not known here; if it
+    /// has not, the reply is dropped there.
+    pub fn send_direct_reply(&self, name: &str, msg: &Message) -> bool {
+        let (Some(peers), Some(addr)) = (self.peers.get(), self.reply_home_peer(name)) else {
+            return false;
+        };
+        let peers = peers.clone();
+        let name = name.to_string();
+        let wire = peer::to_wire(msg);
+        tokio::spawn(async move {
+            if let Err(e) = peers.send_direct_reply(addr, name, wire).await {
+                debug!(%addr, error = %e, "direct reply to a peer dropped");
+            }
+        });
+        true
     }
 
     fn running(&self, vhost: &str, name: &str) -> Option<QueueHandle> {

@@ -689,3 +689,99 @@ async fn channel_wide_prefetch_holds_for_a_remote_queue() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_reaches_a_requester_on_another_node() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+
+    // The RPC server, on node B, consumes the request queue.
+    let server = connect(&url(&b)).await;
+    let sch = server.create_channel().await.unwrap();
+    sch.queue_declare("rpc".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut requests = sch
+        .basic_consume(
+            "rpc".into(),
+            "server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    owner_index(&storage, &[&a, &b], "rpc").await;
+
+    // The requester, on node A, consumes its replies with no-ack.
+    let requester = connect(&url(&a)).await;
+    let rch = requester.create_channel().await.unwrap();
+    let mut replies = rch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..3u32 {
+        rch.basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id(format!("req-{i}").into()),
+        )
+        .await
+        .unwrap();
+
+        let req = timeout(STEP, requests.next())
+            .await
+            .expect("request timed out")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.data, i.to_be_bytes());
+        let reply_to = req.properties.reply_to().clone().unwrap().to_string();
+        let home = a.node().node_id.0.simple().to_string();
+        assert!(
+            reply_to.starts_with(&format!("amq.rabbitmq.reply-to.{home}.")),
+            "the reply name carries its home node: {reply_to}"
+        );
+        sch.basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            format!("reply-{i}").as_bytes(),
+            BasicProperties::default()
+                .with_correlation_id(req.properties.correlation_id().clone().unwrap()),
+        )
+        .await
+        .unwrap();
+        req.ack(BasicAckOptions::default()).await.unwrap();
+
+        let reply = timeout(STEP, replies.next())
+            .await
+            .expect("reply timed out")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.data, format!("reply-{i}").as_bytes());
+        assert_eq!(
+            reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some(format!("req-{i}").as_str())
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

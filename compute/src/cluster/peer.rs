@@ -28,11 +28,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::sync::watch;
 use tracing::debug;
 use warren_common::config::TlsPaths;
 use warren_common::{NodeId, tls};
-use warren_proto::internal::peer::{ALPN, WireChannel, WireMessage};
+use warren_proto::internal::peer::{self as wire, ALPN, PeerRequest, WireChannel, WireMessage};
 
 use super::membership::ClusterView;
 use super::{proxy, session};
@@ -157,6 +158,27 @@ impl Peers {
                 .map_err(|e| format!("peer {addr}: {e}")),
         }
     }
+    /// Send a reply to direct reply-to name `name`, homed on the node at `addr`, on a
+    /// stream of its own (no answer comes back). Replies sent this way to one name may
+    /// arrive out of order.
+    pub async fn send_direct_reply(
+        &self,
+        addr: SocketAddr,
+        name: String,
+        msg: WireMessage,
+    ) -> Result<(), String> {
+        let mut buf = BytesMut::new();
+        wire::encode_request(&PeerRequest::DirectReply { name, msg }, &mut buf);
+        let (mut send, _recv) = tokio::time::timeout(CONNECT_TIMEOUT * 2, self.open_stream(addr))
+            .await
+            .map_err(|_| format!("peer {addr}: open timed out"))??;
+        send.write_all(&buf)
+            .await
+            .map_err(|e| format!("peer {addr}: {e}"))?;
+        send.finish().map_err(|e| format!("peer {addr}: {e}"))?;
+        Ok(())
+    }
+
     /// A handle to queue `name` owned by the node at `addr`: a proxy task forwarding
     /// commands to it. `id` is the node-unique id of the handle.
     /// The proxy also stops as soon as `view` (this node's membership) drops `owner`.
@@ -205,7 +227,7 @@ pub async fn serve(node: Weak<Node>, endpoint: quinn::Endpoint) {
     }
 }
 
-pub(super) fn to_wire(m: &Message) -> WireMessage {
+pub(crate) fn to_wire(m: &Message) -> WireMessage {
     WireMessage {
         exchange: m.exchange.clone(),
         routing_key: m.routing_key.clone(),

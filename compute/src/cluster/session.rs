@@ -47,14 +47,22 @@ fn lock(m: &Mutex<SessionMaps>) -> std::sync::MutexGuard<'_, SessionMaps> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Read the Open frame of a session.
-async fn read_open(
-    recv: &mut quinn::RecvStream,
-    buf: &mut BytesMut,
-) -> Result<(String, String), String> {
+/// What a stream is for, from its first frame.
+enum First {
+    /// A queue session: vhost and queue.
+    Open(String, String),
+    /// A lone reply to a direct reply-to consumer on this node: its name and the message.
+    DirectReply(String, wire::WireMessage),
+}
+
+/// Read the first frame of a stream.
+async fn read_open(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<First, String> {
     loop {
         match wire::decode_request(buf) {
-            Ok(Some(PeerRequest::Open { vhost, queue })) => return Ok((vhost, queue)),
+            Ok(Some(PeerRequest::Open { vhost, queue })) => return Ok(First::Open(vhost, queue)),
+            Ok(Some(PeerRequest::DirectReply { name, msg })) => {
+                return Ok(First::DirectReply(name, msg));
+            }
             Ok(Some(other)) => return Err(format!("expected Open, got {other:?}")),
             Ok(None) => {}
             Err(e) => return Err(e.to_string()),
@@ -85,7 +93,18 @@ pub(super) async fn serve_session(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let opened = tokio::time::timeout(OPEN_TIMEOUT, read_open(&mut recv, &mut buf)).await;
     let (vhost, queue) = match opened {
-        Ok(Ok(v)) => v,
+        Ok(Ok(First::Open(vhost, queue))) => (vhost, queue),
+        Ok(Ok(First::DirectReply(name, msg))) => {
+            // Delivered to the consumer if it is still here, else dropped (as RabbitMQ drops
+            // a reply to a consumer that is gone).
+            if let Some(n) = node.upgrade()
+                && !n.deliver_direct_reply(&name, Arc::new(from_wire(msg)))
+            {
+                debug!(%peer, name, "direct reply from a peer for no consumer; dropped");
+            }
+            let _ = send.finish();
+            return;
+        }
         Ok(Err(e)) => {
             warn!(%peer, error = %e, "bad session opening from a peer; closing the stream");
             let _ = recv.stop(quinn::VarInt::from_u32(1));
@@ -417,6 +436,8 @@ impl Session {
                 });
             }
             PeerRequest::Wake => cmds.push(QueueCmd::Wake),
+            // Only valid as the first frame of a stream of its own: ignore, like a second Open.
+            PeerRequest::DirectReply { .. } => {}
         }
     }
 }

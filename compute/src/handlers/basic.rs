@@ -476,7 +476,8 @@ impl Conn {
         Ok(())
     }
 
-    /// A reply to a direct reply-to name: straight to its consumer, or returned/dropped.
+    /// A reply to a direct reply-to name: straight to its consumer (through its home node if
+    /// that is another), or returned/dropped.
     fn publish_direct_reply(
         &mut self,
         id: u16,
@@ -496,17 +497,11 @@ impl Conn {
             props,
             body.to_bytes(),
         ));
-        let delivered = match self.node.reply_consumer(p.routing_key.as_str()) {
-            Some(c) => c
-                .sink
-                .send(crate::queue::ConnEvent::DirectReply {
-                    channel: c.channel,
-                    tag: c.tag,
-                    msg: msg.clone(),
-                })
-                .is_ok(),
-            None => false,
-        };
+        let name = p.routing_key.as_str();
+        // Homed here, or on another live compute node (sent there; if its consumer is gone
+        // by then, dropped there). Otherwise it cannot be delivered.
+        let delivered = self.node.deliver_direct_reply(name, msg.clone())
+            || self.node.send_direct_reply(name, &msg);
         if !delivered && p.mandatory {
             self.reply(
                 id,

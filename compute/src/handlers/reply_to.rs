@@ -2,10 +2,16 @@
 //! from it in no-ack mode, publishes requests whose `reply_to` Warren rewrites to a name
 //! unique to that consumer, and replies published to that name on the default exchange go
 //! straight to the consumer, without a queue.
+//!
+//! A reply name carries its home node, `amq.rabbitmq.reply-to.<node id, 32 hex>.<random>`
+//! (opaque to clients, as RabbitMQ's are), so a reply published on another compute node is
+//! sent to the home node over the peer transport (`Node::send_direct_reply`).
 
 use std::sync::Arc;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, queue};
+
+use warren_common::NodeId;
 
 use super::random_name;
 use crate::connection::Conn;
@@ -16,6 +22,22 @@ use crate::node::ReplyConsumer;
 pub(crate) const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Prefix of the per-consumer names Warren hands out.
 pub(crate) const REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
+
+/// A fresh reply name homed on `home`.
+pub(crate) fn reply_name(home: NodeId) -> String {
+    random_name(&format!("{REPLY_TO_PREFIX}{}.", home.0.simple()))
+}
+
+/// The home node a reply name names, or `None` for any other string (never panics on
+/// what a client sent).
+pub(crate) fn reply_home(name: &str) -> Option<NodeId> {
+    let rest = name.strip_prefix(REPLY_TO_PREFIX)?;
+    let (node, random) = rest.split_once('.')?;
+    if node.len() != 32 || random.is_empty() || !node.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    uuid::Uuid::try_parse(node).ok().map(NodeId)
+}
 
 /// The direct reply-to consumer of a channel.
 #[derive(Clone, Debug)]
@@ -33,6 +55,7 @@ impl Conn {
             return Err(AmqpError::precondition("reply consumer cannot acknowledge"));
         }
         let sink = self.sink.clone();
+        let name = reply_name(self.node.node_id);
         let ch = self.ch(id)?;
         if ch.reply_to.is_some() {
             return Err(AmqpError::precondition("reply consumer already set"));
@@ -42,7 +65,6 @@ impl Conn {
         } else {
             c.consumer_tag.to_string()
         };
-        let name = random_name(REPLY_TO_PREFIX);
         let key = ch.key;
         ch.reply_to = Some(ReplyTo {
             name: name.clone(),
@@ -95,7 +117,8 @@ impl Conn {
         if name != REPLY_TO && !name.starts_with(REPLY_TO_PREFIX) {
             return Ok(false);
         }
-        if name != REPLY_TO && !self.node.has_reply_to(name) {
+        if name != REPLY_TO && !self.node.has_reply_to(name) && !self.node.reply_home_is_peer(name)
+        {
             return Err(AmqpError::not_found(format!(
                 "no queue '{name}' in vhost '{}'",
                 self.vhost
@@ -131,5 +154,36 @@ impl Conn {
             .map(|r| r.name.clone())
             .ok_or_else(|| AmqpError::precondition("fast reply consumer does not exist"))?;
         Ok(Some(props.clone().with_reply_to(name.into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_names_carry_their_home() {
+        let home = NodeId(uuid::Uuid::new_v4());
+        let name = reply_name(home);
+        assert!(name.starts_with(REPLY_TO_PREFIX));
+        assert_eq!(reply_home(&name), Some(home));
+    }
+
+    #[test]
+    fn other_names_have_no_home() {
+        for name in [
+            "",
+            "amq.rabbitmq.reply-to",
+            "amq.rabbitmq.reply-to.",
+            "amq.rabbitmq.reply-to.abc",
+            "amq.rabbitmq.reply-to.0123456789abcdef0123456789abcdef",
+            "amq.rabbitmq.reply-to.0123456789abcdef0123456789abcdef.",
+            "amq.rabbitmq.reply-to.0123456789abcdef0123456789abcdeg.x",
+            "amq.rabbitmq.reply-to.01234567-89ab-cdef-0123-456789abcdef.x",
+            "amq.rabbitmq.reply-to.é123456789abcdef0123456789abcde.x",
+            "orders.0123456789abcdef0123456789abcdef.x",
+        ] {
+            assert_eq!(reply_home(name), None, "{name}");
+        }
     }
 }

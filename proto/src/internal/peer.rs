@@ -6,6 +6,8 @@
 //! [`PeerRequest::Open`], then sends requests; the owner answers with [`PeerEvent`]s.
 //! Replies to requests that expect one (consume, get, purge, stats, delete, cancel) echo
 //! the request id chosen by the proxy. Both sides process a stream's frames in order.
+//! A reply to a direct reply-to name homed on another node travels alone on a short-lived
+//! stream: its only frame is [`PeerRequest::DirectReply`], and nothing comes back.
 //!
 //! Frame: `u32 length` (of everything after it) `| u8 kind | body`, integers big-endian,
 //! strings as `u16 length | UTF-8`, byte strings as `u32 length | bytes`.
@@ -185,6 +187,15 @@ pub enum PeerRequest {
     },
     /// Try to deliver (credit came back).
     Wake,
+    /// A reply to a direct reply-to name whose consumer is on the receiving node. Sent as
+    /// the only frame of a stream of its own (instead of [`PeerRequest::Open`]); nothing is
+    /// answered, and a reply nobody consumes is dropped.
+    DirectReply {
+        /// The reply name (`amq.rabbitmq.reply-to.<node>.<random>`).
+        name: String,
+        /// The message.
+        msg: WireMessage,
+    },
 }
 
 /// Why queue.delete was refused.
@@ -466,6 +477,12 @@ pub fn encode_request(req: &PeerRequest, buf: &mut BytesMut) {
         }
         PeerRequest::Wake => {
             let at = begin(buf, 12);
+            finish(buf, at);
+        }
+        PeerRequest::DirectReply { name, msg } => {
+            let at = begin(buf, 13);
+            put_str(buf, name);
+            put_msg(buf, msg);
             finish(buf, at);
         }
     }
@@ -787,6 +804,10 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<PeerRequest>, FrameEr
             if_empty: b.bool()?,
         },
         12 => PeerRequest::Wake,
+        13 => PeerRequest::DirectReply {
+            name: b.str()?,
+            msg: b.msg()?,
+        },
         k => return Err(FrameError::UnknownKind(k)),
     };
     b.done()?;
@@ -986,6 +1007,14 @@ mod tests {
                 if_empty: false,
             },
             PeerRequest::Wake,
+            PeerRequest::DirectReply {
+                name: "amq.rabbitmq.reply-to.0123456789abcdef0123456789abcdef.xyz".into(),
+                msg: msg(),
+            },
+            PeerRequest::DirectReply {
+                name: String::new(),
+                msg: bare(),
+            },
         ]
     }
 
