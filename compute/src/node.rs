@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use warren_common::{Epoch, LogId, NodeId};
 use warren_storage::client::StorageClient;
+use warren_storage::protocol::ownership as rules;
 
 use crate::cluster::{ownership, peer};
 use crate::config::ComputeConfig;
@@ -685,13 +686,18 @@ impl Node {
             .update(&descriptor_key(log_id), |cur: Option<&Bytes>| {
                 let prev: Option<QueueDescriptor> =
                     cur.and_then(|b| serde_json::from_slice(b).ok());
-                superseded = None;
-                if let Some(p) = prev
-                    && p.epoch > epoch
-                {
-                    // A newer takeover already happened: its owner stays recorded (writing
-                    // ourselves here would send the queue back to a fenced node).
-                    superseded = Some(p.epoch);
+                let recorded = rules::claim(
+                    prev.map(|p| rules::OwnerClaim {
+                        owner: p.owner,
+                        epoch: p.epoch,
+                    }),
+                    me,
+                    epoch,
+                );
+                // A newer takeover already happened: its owner stays recorded (writing
+                // ourselves here would send the queue back to a fenced node).
+                superseded = (recorded.epoch != epoch).then_some(recorded.epoch);
+                if superseded.is_some() {
                     return cur.cloned();
                 }
                 let d = QueueDescriptor {

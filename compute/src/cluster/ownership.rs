@@ -7,7 +7,9 @@
 //!
 //! The hash is FNV-1a followed by a 64-bit finalizer: stable across processes, platforms and
 //! releases (the std hasher is seeded per process), and well spread even for keys that
-//! differ in one character.
+//! differ in one character. The rules themselves are `warren_storage::protocol::ownership`'s,
+//! the I/O-free ownership rules the deterministic simulation checks; this module applies
+//! them to the membership view.
 //!
 //! Ownership is *sticky*: a queue whose descriptor names a live member stays with it, even
 //! when a newer member would win the hash. Without that, every join would move queues that
@@ -15,34 +17,13 @@
 //! step (a hand-off when the queue is idle).
 
 use warren_common::NodeId;
+use warren_storage::protocol::ownership as rules;
 
 use super::membership::ClusterView;
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h
-}
-
-/// The finalizer of SplitMix64: FNV's low-entropy high bits become well mixed.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The weight of `node` for `key`.
-pub fn score(key: &str, node: &NodeId) -> u64 {
-    let h = fnv1a(FNV_OFFSET, key.as_bytes());
-    // A separator so that ("ab", node) and ("a", "b"+node) cannot collide by construction.
-    let h = fnv1a(h, &[0xff]);
-    mix(fnv1a(h, node.0.as_bytes()))
-}
+/// The weight of `node` for `key` (the rule lives with the other ownership rules in
+/// `warren_storage::protocol::ownership`, which the ownership simulation checks).
+pub use rules::score;
 
 /// The key a queue is hashed by: its vhost and name (stable across redeclarations).
 pub fn queue_key(vhost: &str, name: &str) -> String {
@@ -52,11 +33,7 @@ pub fn queue_key(vhost: &str, name: &str) -> String {
 /// The rendezvous choice for `key` among `nodes`: the highest score (ties, which need a
 /// 64-bit collision, go to the larger node id). `None` if there are no nodes.
 pub fn rendezvous<'a>(nodes: impl IntoIterator<Item = &'a NodeId>, key: &str) -> Option<NodeId> {
-    nodes
-        .into_iter()
-        .map(|n| (score(key, n), *n))
-        .max()
-        .map(|(_, n)| n)
+    rules::owner_of(nodes, key)
 }
 
 /// The owner a queue should have: the node its descriptor names while that node is a live
@@ -66,12 +43,7 @@ pub fn sticky_owner<'a>(
     key: &str,
     recorded: Option<NodeId>,
 ) -> Option<NodeId> {
-    if let Some(r) = recorded
-        && nodes.clone().into_iter().any(|n| *n == r)
-    {
-        return Some(r);
-    }
-    rendezvous(nodes, key)
+    rules::sticky_owner(nodes, key, recorded)
 }
 
 /// The rendezvous owner of `key` among the live members of `view`.

@@ -186,10 +186,11 @@ pub fn evict(registry: &mut ComputeRegistry, lapsed: &Lapsed) -> bool {
     }
 }
 
-fn rendezvous_score(key: &str, id: &NodeId) -> u64 {
-    // FNV-1a, a separator, then SplitMix64's finalizer: stable across processes and
-    // versions (every node must compute the same owner), and well mixed although keys and
-    // node ids share prefixes. The same function as compute's `cluster::ownership::score`.
+/// The rendezvous weight of node `id` for `key`.
+pub fn score(key: &str, id: &NodeId) -> u64 {
+    // FNV-1a, a separator (so ("ab", id) and ("a", "b"+id) cannot collide by construction),
+    // then SplitMix64's finalizer: stable across processes and versions (every node must
+    // compute the same owner), and well mixed although keys and node ids share prefixes.
     let fnv = |mut h: u64, bytes: &[u8]| {
         for b in bytes {
             h ^= u64::from(*b);
@@ -210,20 +211,20 @@ fn rendezvous_score(key: &str, id: &NodeId) -> u64 {
 pub fn owner_of<'a>(members: impl IntoIterator<Item = &'a NodeId>, key: &str) -> Option<NodeId> {
     members
         .into_iter()
-        .map(|id| (rendezvous_score(key, id), *id))
+        .map(|id| (score(key, id), *id))
         .max()
         .map(|(_, id)| id)
 }
 
 /// The owner a queue should have: the owner its descriptor names while that one is live
 /// (sticky, so a join moves no queue in use), else [`owner_of`].
-pub fn sticky_owner(
-    members: &BTreeSet<NodeId>,
+pub fn sticky_owner<'a>(
+    members: impl IntoIterator<Item = &'a NodeId> + Clone,
     key: &str,
     recorded: Option<NodeId>,
 ) -> Option<NodeId> {
     match recorded {
-        Some(r) if members.contains(&r) => Some(r),
+        Some(r) if members.clone().into_iter().any(|m| *m == r) => Some(r),
         _ => owner_of(members, key),
     }
 }
@@ -618,7 +619,7 @@ mod tests {
         // The same golden value as compute's `cluster::ownership::score`: every node, of
         // every release, must pick the same owner.
         let n = NodeId(uuid::Uuid::from_u128(0x1234_5678_9abc_def1));
-        assert_eq!(rendezvous_score("/\u{0}orders", &n), 0xfc31_09d3_b0c9_1bfc);
+        assert_eq!(score("/\u{0}orders", &n), 0xfc31_09d3_b0c9_1bfc);
         let live: BTreeSet<NodeId> = all.iter().copied().collect();
         let winner = owner_of(&live, "q").unwrap();
         let other = *all.iter().find(|n| **n != winner).unwrap();
