@@ -322,7 +322,7 @@ impl Node {
             .and_then(|t| t.queues.get(name).cloned());
         if def.is_none() {
             // Declared on another node a moment ago: this node's snapshot may lag.
-            let _ = self.topology.refresh(vhost).await;
+            let _ = self.topology.refresh_after_miss(vhost).await;
             def = self
                 .topology
                 .snapshot(vhost)
