@@ -462,9 +462,22 @@ async fn concurrent_repairs_swap_each_lost_copy_once_and_respect_claims() {
         let w = client.acquire_log(log).await.unwrap();
         append_all(&w, &data).await;
     }
-    // A member of the first segment is lost for good.
+    // The node holding the most sealed segments is lost for good (placement varies per
+    // segment, so the first segment's first member may hold only that one).
     let d = descriptor(&regs, log).await;
-    let lost = d.segments[0].ensemble[0];
+    let holds = |n: &NodeId| {
+        d.segments
+            .iter()
+            .filter(|s| s.end.is_some() && s.ensemble.contains(n))
+            .count()
+    };
+    let lost = d
+        .segments
+        .iter()
+        .flat_map(|s| s.ensemble.iter())
+        .max_by_key(|n| holds(n))
+        .copied()
+        .unwrap();
     let index = registry(&regs).await.nodes[&lost].name.clone();
     let index = cluster
         .nodes
