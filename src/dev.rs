@@ -166,18 +166,40 @@ impl Layout {
     }
 }
 
-/// Pick a free loopback port. The port is released before the child binds it, which is a
-/// small race a development cluster accepts.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
+/// Free loopback ports for the nodes of one run. Every probe socket stays bound until the
+/// reservation is dropped, just before the nodes start, so no port is handed out twice in one
+/// run (the kernel may otherwise return a just-released port to the next probe). Another
+/// process may still take a port between the drop and the node's bind: a small race a
+/// development cluster accepts.
+#[derive(Default)]
+struct PortReservations {
+    tcp: Vec<TcpListener>,
+    udp: Vec<std::net::UdpSocket>,
 }
 
-/// Pick a free loopback UDP port (QUIC listeners bind UDP, which a TCP probe says nothing
-/// about).
-fn free_udp_port() -> anyhow::Result<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
-    Ok(socket.local_addr()?.port())
+impl PortReservations {
+    /// Hold `addr` (a port the caller chose), failing by name if it is taken.
+    fn hold_tcp(&mut self, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("{what}: port {} is not free", addr.port()))?;
+        self.tcp.push(listener);
+        Ok(())
+    }
+
+    fn tcp(&mut self) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let addr = listener.local_addr()?;
+        self.tcp.push(listener);
+        Ok(addr)
+    }
+
+    /// A free UDP port (QUIC listeners bind UDP, which a TCP probe says nothing about).
+    fn udp(&mut self) -> anyhow::Result<SocketAddr> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+        let addr = socket.local_addr()?;
+        self.udp.push(socket);
+        Ok(addr)
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -253,10 +275,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let amqp_addrs: Vec<SocketAddr> = (0..args.compute)
         .map(|i| args.amqp_port_of(i).map(loopback))
         .collect::<anyhow::Result<_>>()?;
+    let mut ports = PortReservations::default();
     for (name, addr) in compute_names.iter().zip(&amqp_addrs) {
         // Fail here, by name, rather than with a child that dies on a taken port.
-        TcpListener::bind(addr)
-            .with_context(|| format!("AMQP port {} for {name} is not free", addr.port()))?;
+        ports.hold_tcp(*addr, &format!("the AMQP address of {name}"))?;
     }
     let mut all_names: Vec<&str> = storage_names.iter().map(String::as_str).collect();
     all_names.extend(compute_names.iter().map(String::as_str));
@@ -266,7 +288,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .context("creating the cluster CA and node certificates")?;
 
     let grpc_addrs: Vec<SocketAddr> = (0..storage_count)
-        .map(|_| free_port().map(loopback))
+        .map(|_| ports.tcp())
         .collect::<anyhow::Result<_>>()?;
     let mut configs = Vec::new();
     let mut storage_data_addrs = Vec::new();
@@ -275,7 +297,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             name: name.clone(),
             zone: warren_common::Zone(zone_name(i % args.zones)),
             data_dir: layout.node_dir(name),
-            data_addr: loopback(free_port()?),
+            data_addr: ports.tcp()?,
             control_addr: grpc_addrs[i],
             advertise_data_addr: None,
             advertise_control_addr: None,
@@ -294,7 +316,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         compute.node_name = name.clone();
         compute.zone = zone_name(i % args.zones);
         compute.amqp_listen = amqp_addrs[i];
-        compute.peer_listen = loopback(free_udp_port()?);
+        compute.peer_listen = ports.udp()?;
         compute.storage_seeds = grpc_addrs.clone();
         compute.replication = args.replication.replication();
         let compute = apply_overrides(&compute, &args.compute_config)?;
@@ -313,6 +335,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let exe = std::env::current_exe().context("locating the warren binary")?;
+    drop(ports);
     let mut nodes = Vec::new();
     for (name, role, path) in &configs {
         match spawn_node(&exe, &layout, name, role, path) {

@@ -566,7 +566,7 @@ impl WarrenDev {
             if let Some(status) = exited {
                 bail!(
                     "{name} exited while restarting ({status}); log:\n{}",
-                    self.log_tail(40)
+                    self.start_failure_log()
                 );
             }
             if Instant::now() > deadline {
@@ -745,6 +745,21 @@ impl WarrenDev {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// What explains a failed start: every error and warning line of the cluster's log (a
+    /// node that died early logged why long before the tail), then the last 40 lines.
+    fn start_failure_log(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains(" WARN ") || l.starts_with("Error"))
+            .collect();
+        format!(
+            "errors and warnings:\n{}\n... last lines:\n{}",
+            errors[errors.len().saturating_sub(40)..].join("\n"),
+            self.log_tail(40)
+        )
+    }
+
     fn log_path(&self) -> PathBuf {
         self.root.path().join("warren-dev.log")
     }
@@ -843,7 +858,7 @@ impl WarrenDev {
                     bail!(
                         "warren dev closed its output before printing an amqp:// URL \
                          (exit: {status:?}); log:\n{}",
-                        self.log_tail(40)
+                        self.start_failure_log()
                     );
                 }
             }
@@ -851,7 +866,7 @@ impl WarrenDev {
                 let _ = self.stop();
                 bail!(
                     "warren dev printed no amqp:// URL within {READY_TIMEOUT:?}; log:\n{}",
-                    self.log_tail(40)
+                    self.start_failure_log()
                 );
             }
         }
