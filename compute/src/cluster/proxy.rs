@@ -73,6 +73,7 @@ pub(super) async fn open(
         name: name.to_string(),
         durable,
         log_id: None,
+        remote: true,
         tx,
     }));
     let proxy = Proxy {
