@@ -670,6 +670,50 @@ impl Node {
     pub fn start_peers(self: &Arc<Self>, endpoint: quinn::Endpoint) {
         tokio::spawn(peer::serve(Arc::downgrade(self), endpoint.clone()));
         let _ = self.peers.set(Arc::new(peer::Peers::new(endpoint)));
+        let weak = Arc::downgrade(self);
+        self.topology
+            .set_announcer(Arc::new(move |vhost: String, version: u64| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    if let Some(node) = weak.upgrade() {
+                        node.announce_topology(&vhost, version).await;
+                    }
+                })
+            }));
+    }
+
+    /// Tell every other live compute node that this node wrote `version` of `vhost`'s
+    /// topology, and wait until each routes by it: then a client told declare-ok or bind-ok
+    /// here finds the change through any node at once, as on a RabbitMQ cluster. A node
+    /// that does not answer within [`ANNOUNCE_TIMEOUT`] (failing, or cut off) is left to its
+    /// own refresh.
+    async fn announce_topology(&self, vhost: &str, version: u64) {
+        let (Some(membership), Some(peers)) = (&self.membership, self.peers.get()) else {
+            return;
+        };
+        let view = membership.view();
+        let mut tells = tokio::task::JoinSet::new();
+        for (id, record) in &view.members {
+            if *id == self.node_id {
+                continue;
+            }
+            let peers = peers.clone();
+            let addr = record.peer_addr;
+            let vhost = vhost.to_string();
+            tells.spawn(async move {
+                let told = tokio::time::timeout(
+                    ANNOUNCE_TIMEOUT,
+                    peers.announce_topology(addr, &vhost, version),
+                )
+                .await;
+                match told {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%addr, error = %e, "topology change not acknowledged"),
+                    Err(_) => debug!(%addr, "topology change not acknowledged in time"),
+                }
+            });
+        }
+        while tells.join_next().await.is_some() {}
     }
 
     /// Stop serving peers and close every peer connection (the node is stopping).
@@ -860,6 +904,9 @@ impl Node {
         Ok(())
     }
 }
+
+/// How long a topology change waits for another compute node to acknowledge it.
+const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a node looks for under-replicated segments in the logs it looks after.
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);

@@ -247,9 +247,15 @@ fn merge(vhost: &str, raw: Option<&Bytes>) -> VhostTopology {
     topo
 }
 
+/// Tells the other compute nodes that this node wrote a version of a vhost's topology, and
+/// completes once they route by it (or were given up on).
+pub type Announcer =
+    Arc<dyn Fn(String, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// Every vhost's snapshot plus the metadata store behind them.
 pub struct Topology {
     meta: Meta,
+    announcer: std::sync::OnceLock<Announcer>,
     vhosts: RwLock<HashMap<String, Arc<VhostTopology>>>,
     /// The register value each snapshot's durable part was built from.
     seen: std::sync::Mutex<HashMap<String, Option<Bytes>>>,
@@ -354,6 +360,7 @@ impl Topology {
     pub fn new(meta: Meta) -> Self {
         Topology {
             meta,
+            announcer: std::sync::OnceLock::new(),
             vhosts: RwLock::new(HashMap::new()),
             seen: std::sync::Mutex::new(HashMap::new()),
             version: AtomicU64::new(1),
@@ -401,6 +408,26 @@ impl Topology {
         };
         map.entry(vhost.to_string()).or_default().1 = number;
         result
+    }
+
+    /// Tell other nodes about every change this node writes from now on.
+    pub fn set_announcer(&self, announcer: Announcer) {
+        let _ = self.announcer.set(announcer);
+    }
+
+    /// Make sure this node routes by `version` of `vhost`'s topology or a newer one (another
+    /// node wrote it, so a read of the register now sees it).
+    pub async fn catch_up(&self, vhost: &str, version: u64) -> Result<(), AmqpError> {
+        if !self.has_vhost(vhost) || stored_version(self.seen(vhost).as_ref()) >= version {
+            return Ok(());
+        }
+        self.refresh(vhost).await
+    }
+
+    async fn announce(&self, vhost: &str, written: Option<u64>) {
+        if let (Some(version), Some(announce)) = (written, self.announcer.get()) {
+            announce(vhost.to_string(), version).await;
+        }
     }
 
     /// Read a vhost's topology from the store and add the predeclared exchanges.
@@ -483,12 +510,24 @@ impl Topology {
     /// holding the value the snapshot was built from: if another node changed it meanwhile,
     /// the snapshot is rebuilt from the register and `f` runs again on it, so a decision
     /// (declare or not, equivalent or not, exclusive to whom) is never taken on stale state.
-    /// Writers on this node are serialized; readers never wait.
+    /// Writers on this node are serialized; readers never wait. A change written is
+    /// announced to the other nodes before this returns.
     pub async fn edit<T>(
         &self,
         vhost: &str,
-        mut f: impl FnMut(&mut Edit) -> Result<T, AmqpError>,
+        f: impl FnMut(&mut Edit) -> Result<T, AmqpError>,
     ) -> Result<T, AmqpError> {
+        let (out, written) = self.edit_serialized(vhost, f).await?;
+        self.announce(vhost, written).await;
+        Ok(out)
+    }
+
+    /// [`Topology::edit`] under this node's write lock; also returns the version written.
+    async fn edit_serialized<T>(
+        &self,
+        vhost: &str,
+        mut f: impl FnMut(&mut Edit) -> Result<T, AmqpError>,
+    ) -> Result<(T, Option<u64>), AmqpError> {
         let _guard = self.write.lock().await;
         for _ in 0..EDIT_ATTEMPTS {
             let current = self
@@ -501,7 +540,7 @@ impl Topology {
             };
             let out = f(&mut edit)?;
             if edit.changes.is_empty() {
-                return Ok(out);
+                return Ok((out, None));
             }
             let changes = edit.changes;
             let mut stale = false;
@@ -522,10 +561,11 @@ impl Topology {
                     serde_json::to_vec(&stored).ok().map(Bytes::from)
                 })
                 .await?;
+            let version = stored_version(written.as_ref());
             self.install(vhost, merge(vhost, written.as_ref()));
             self.remember(vhost, written);
             if !stale {
-                return Ok(out);
+                return Ok((out, Some(version)));
             }
         }
         Err(AmqpError::internal(format!(
@@ -555,10 +595,12 @@ impl Topology {
         if !due {
             return Ok(());
         }
-        let _guard = self.write.lock().await;
+        let guard = self.write.lock().await;
+        let mut swept = false;
         let written = self
             .meta
             .update(&register_key(vhost), |cur: Option<&Bytes>| {
+                swept = false;
                 let mut stored: Stored = match cur.map(|b| serde_json::from_slice(b)) {
                     Some(Ok(s)) => s,
                     Some(Err(_)) | None => return cur.cloned(),
@@ -566,12 +608,16 @@ impl Topology {
                 if !stored.sweep(&ended) {
                     return cur.cloned();
                 }
+                swept = true;
                 stored.version += 1;
                 serde_json::to_vec(&stored).ok().map(Bytes::from)
             })
             .await?;
+        let version = stored_version(written.as_ref());
         self.install(vhost, merge(vhost, written.as_ref()));
         self.remember(vhost, written);
+        drop(guard);
+        self.announce(vhost, swept.then_some(version)).await;
         Ok(())
     }
 }

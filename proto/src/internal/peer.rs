@@ -8,6 +8,9 @@
 //! the request id chosen by the proxy. Both sides process a stream's frames in order.
 //! A reply to a direct reply-to name homed on another node travels alone on a short-lived
 //! stream: its only frame is [`PeerRequest::DirectReply`], and nothing comes back.
+//! A node that changed a vhost's topology tells every other node on a short-lived stream
+//! of its own ([`PeerRequest::TopologyChanged`], answered by [`PeerEvent::TopologyCurrent`]
+//! once the receiver's snapshot is at least that new).
 //!
 //! Frame: `u32 length` (of everything after it) `| u8 kind | body`, integers big-endian,
 //! strings as `u16 length | UTF-8`, byte strings as `u32 length | bytes`.
@@ -196,6 +199,14 @@ pub enum PeerRequest {
         /// The message.
         msg: WireMessage,
     },
+    /// The sender wrote version `version` of a vhost's topology register. Sent as the only
+    /// frame of a stream of its own; answered with [`PeerEvent::TopologyCurrent`].
+    TopologyChanged {
+        /// The vhost.
+        vhost: String,
+        /// The register version written.
+        version: u64,
+    },
 }
 
 /// Why queue.delete was refused.
@@ -287,6 +298,9 @@ pub enum PeerEvent {
         /// Request id.
         req: u64,
     },
+    /// Answer to [`PeerRequest::TopologyChanged`]: this node now routes by that version or
+    /// a newer one.
+    TopologyCurrent,
     /// The owner stopped serving the queue; the stream ends.
     Closed {
         /// The queue was deleted (rather than moving to another owner).
@@ -485,6 +499,12 @@ pub fn encode_request(req: &PeerRequest, buf: &mut BytesMut) {
             put_msg(buf, msg);
             finish(buf, at);
         }
+        PeerRequest::TopologyChanged { vhost, version } => {
+            let at = begin(buf, 20);
+            put_str(buf, vhost);
+            buf.put_u64(*version);
+            finish(buf, at);
+        }
     }
 }
 
@@ -601,6 +621,10 @@ pub fn encode_event(ev: &PeerEvent, buf: &mut BytesMut) {
         PeerEvent::Closed { deleted } => {
             let at = begin(buf, 0x8d);
             put_bool(buf, *deleted);
+            finish(buf, at);
+        }
+        PeerEvent::TopologyCurrent => {
+            let at = begin(buf, 0x90);
             finish(buf, at);
         }
     }
@@ -808,6 +832,10 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<PeerRequest>, FrameEr
             name: b.str()?,
             msg: b.msg()?,
         },
+        20 => PeerRequest::TopologyChanged {
+            vhost: b.str()?,
+            version: b.u64()?,
+        },
         k => return Err(FrameError::UnknownKind(k)),
     };
     b.done()?;
@@ -904,6 +932,7 @@ pub fn decode_event(buf: &mut BytesMut) -> Result<Option<PeerEvent>, FrameError>
         }
         0x8c => PeerEvent::CancelOk { req: b.u64()? },
         0x8d => PeerEvent::Closed { deleted: b.bool()? },
+        0x90 => PeerEvent::TopologyCurrent,
         k => return Err(FrameError::UnknownKind(k)),
     };
     b.done()?;
@@ -1015,12 +1044,17 @@ mod tests {
                 name: String::new(),
                 msg: bare(),
             },
+            PeerRequest::TopologyChanged {
+                vhost: "/".into(),
+                version: u64::MAX,
+            },
         ]
     }
 
     fn events() -> Vec<PeerEvent> {
         vec![
             PeerEvent::Opened,
+            PeerEvent::TopologyCurrent,
             PeerEvent::Refused {
                 reason: "not the owner".into(),
             },
