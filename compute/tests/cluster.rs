@@ -785,3 +785,208 @@ async fn direct_reply_to_reaches_a_requester_on_another_node() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The ready count of `queue`, asked through `ch`.
+async fn ready(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    timeout(STEP, consumer.next())
+        .await
+        .expect("delivery timed out")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owner() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("requalified".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "requalified").await;
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "requalified", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    let global = BasicQosOptions { global: true };
+    cch.basic_qos(1, global).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "requalified".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut held = vec![next_delivery(&mut consumer).await];
+
+    // Raised after the consume: the owner hands out two more.
+    cch.basic_qos(3, global).await.unwrap();
+    for _ in 0..2 {
+        held.push(next_delivery(&mut consumer).await);
+    }
+    // A qos round trip on the consuming channel: everything it sent before has reached
+    // the queue's proxy, so the count asked next is taken after the owner acted on it.
+    cch.basic_qos(3, global).await.unwrap();
+    assert_eq!(ready(&pch, "requalified").await, 17, "exactly 3 unacked");
+
+    // Lowered to 2 while 3 are held: two acks free room for one more, not two.
+    cch.basic_qos(2, global).await.unwrap();
+    for d in held.drain(..2) {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    held.push(next_delivery(&mut consumer).await);
+    cch.basic_qos(2, global).await.unwrap();
+    assert_eq!(ready(&pch, "requalified").await, 16, "exactly 2 unacked");
+
+    // Lifted: the rest arrives.
+    cch.basic_qos(0, global).await.unwrap();
+    for _ in 0..16 {
+        held.push(next_delivery(&mut consumer).await);
+    }
+    assert_eq!(held.len(), 18);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consumers_only() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("per-consumer".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "per-consumer").await;
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "per-consumer", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut first = cch
+        .basic_consume(
+            "per-consumer".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _held = next_delivery(&mut first).await;
+    // As in RabbitMQ, a per-consumer prefetch set now is for consumers created from now on.
+    cch.basic_qos(3, BasicQosOptions::default()).await.unwrap();
+    assert_eq!(
+        ready(&pch, "per-consumer").await,
+        19,
+        "the first consumer keeps 1"
+    );
+    let mut second = cch
+        .basic_consume(
+            "per-consumer".into(),
+            "c2".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(next_delivery(&mut second).await);
+    }
+    assert_eq!(ready(&pch, "per-consumer").await, 16, "1 + 3 unacked");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_replies_from_another_node_arrive_in_publish_order() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+
+    // The RPC server, on node B.
+    let server = connect(&url(&b)).await;
+    let sch = server.create_channel().await.unwrap();
+    sch.queue_declare("rpc-stream".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut requests = sch
+        .basic_consume(
+            "rpc-stream".into(),
+            "server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    owner_index(&storage, &[&a, &b], "rpc-stream").await;
+
+    // The requester, on node A.
+    let requester = connect(&url(&a)).await;
+    let rch = requester.create_channel().await.unwrap();
+    let mut replies = rch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rch.basic_publish(
+        "".into(),
+        "rpc-stream".into(),
+        BasicPublishOptions::default(),
+        b"stream me",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let req = next_delivery(&mut requests).await;
+    let reply_to = req.properties.reply_to().clone().unwrap().to_string();
+    req.ack(BasicAckOptions::default()).await.unwrap();
+
+    // Published back to back on node B, each crossing to node A.
+    for i in 0..200u32 {
+        sch.basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..200u32 {
+        let reply = next_delivery(&mut replies).await;
+        assert_eq!(reply.data, i.to_be_bytes(), "reply {i} in publish order");
+    }
+    a.stop().await;
+    b.stop().await;
+}
