@@ -990,3 +990,117 @@ async fn direct_replies_from_another_node_arrive_in_publish_order() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
+    use warren_proto::internal::peer::{PeerRequest, WireMessage, encode_request};
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+
+    // A requester on node A; its reply name, read back from its request.
+    let requester = connect(&url(&a)).await;
+    let rch = requester.create_channel().await.unwrap();
+    rch.queue_declare("rpc-raw".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut replies = rch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rch.basic_publish(
+        "".into(),
+        "rpc-raw".into(),
+        BasicPublishOptions::default(),
+        b"req",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let mut req = None;
+    for _ in 0..100 {
+        req = rch
+            .basic_get("rpc-raw".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if req.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = req
+        .expect("the request")
+        .properties
+        .reply_to()
+        .clone()
+        .unwrap()
+        .to_string();
+    let reply = |body: &'static [u8]| PeerRequest::DirectReply {
+        name: name.clone(),
+        msg: WireMessage {
+            exchange: String::new(),
+            routing_key: name.clone(),
+            persistent: false,
+            priority: None,
+            expiration_ms: None,
+            resent: false,
+            properties: bytes::Bytes::from_static(&[0, 0]),
+            body: bytes::Bytes::from_static(body),
+        },
+    };
+
+    // A cluster member writing a reply stream to node A by hand, a frame per write.
+    let view = a.node().membership.as_ref().unwrap().view();
+    let peer_addr = view.members[&a.node().node_id].peer_addr;
+    let endpoint =
+        warren_compute::cluster::peer::endpoint(&storage.tls(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let conn = endpoint
+        .connect(peer_addr, warren_common::tls::CLUSTER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    for body in [&b"one"[..], b"two", b"three"] {
+        let mut frame = bytes::BytesMut::new();
+        encode_request(&reply(body), &mut frame);
+        send.write_all(&frame).await.unwrap();
+        let got = next_delivery(&mut replies).await;
+        assert_eq!(got.data, body, "replies arrive as the stream carries them");
+    }
+    // Anything but a reply ends the stream (the home node stops reading it).
+    let mut frame = bytes::BytesMut::new();
+    encode_request(
+        &PeerRequest::Open {
+            vhost: "/".into(),
+            queue: "rpc-raw".into(),
+        },
+        &mut frame,
+    );
+    send.write_all(&frame).await.unwrap();
+    let stopped = timeout(STEP, send.stopped())
+        .await
+        .expect("the stream is stopped");
+    assert!(
+        matches!(stopped, Ok(Some(_))),
+        "stopped by the home node: {stopped:?}"
+    );
+    // A new reply stream on the same connection still works.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    encode_request(&reply(b"four"), &mut frame);
+    send.write_all(&frame).await.unwrap();
+    assert_eq!(next_delivery(&mut replies).await.data, b"four");
+    endpoint.close(0u32.into(), b"done");
+    a.stop().await;
+    b.stop().await;
+}
