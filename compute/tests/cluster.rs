@@ -1104,3 +1104,73 @@ async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    // One queue owned by node A and one by node B (ownership is by hashing).
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let (mut on_a, mut on_b) = (None, None);
+    for i in 0..32 {
+        let name = format!("mixed-{i}");
+        ch.queue_declare(name.as_str().into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+        let (owner, _) = owner_index(&storage, &nodes, &name).await;
+        let slot = if owner == 0 { &mut on_a } else { &mut on_b };
+        slot.get_or_insert(name);
+        if on_a.is_some() && on_b.is_some() {
+            break;
+        }
+    }
+    let (remote, local) = (on_a.unwrap(), on_b.unwrap());
+    // Clients of node B: `remote` is forwarded to node A, `local` is served here.
+    let conn = connect(&url(&b)).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, &remote, 5).await;
+    publish_confirmed(&pch, &local, 5).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut from_remote = cch
+        .basic_consume(
+            remote.as_str().into(),
+            "r".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = [
+        next_delivery(&mut from_remote).await,
+        next_delivery(&mut from_remote).await,
+    ];
+    // The channel holds its limit already: the local queue hands out nothing.
+    let mut from_local = cch
+        .basic_consume(
+            local.as_str().into(),
+            "l".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ready(&pch, &local).await,
+        5,
+        "nothing beyond the channel's limit"
+    );
+    // Acking the remote deliveries gives the channel its credit back, here too.
+    for d in held {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let d = next_delivery(&mut from_local).await;
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+}

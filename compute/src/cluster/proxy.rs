@@ -136,8 +136,9 @@ struct ProxyConsumer {
     channel: ChannelKey,
     tag: Arc<str>,
     sink: ConnSink,
-    /// Counted against a channel-wide prefetch limit (acks give credit back).
-    counted: bool,
+    /// The channel's limiter, when its deliveries count against the channel-wide prefetch
+    /// (acks give credit back).
+    counted: Option<Arc<ChannelLimiter>>,
 }
 
 /// The channel-wide limit of a channel consuming through a proxy, as the owner last heard it.
@@ -307,9 +308,9 @@ impl Proxy {
                                 sent: global_limit,
                             },
                         );
-                        true
+                        Some(l.clone())
                     }
-                    _ => false,
+                    _ => None,
                 };
                 self.consumers.insert(
                     spec.id.0,
@@ -579,8 +580,13 @@ impl Proxy {
                 }
                 continue;
             };
-            if c.counted && !d.no_ack {
+            if let Some(l) = &c.counted
+                && !d.no_ack
+            {
                 self.counted.insert((c.channel.serial, d.seq));
+                // The connection gives this credit back when it is settled, as for a
+                // local queue's delivery; until then the channel's local queues count it.
+                l.count();
             }
             let delivery = Delivery {
                 consumer: ConsumerId(d.consumer),
