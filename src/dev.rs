@@ -178,11 +178,9 @@ struct PortReservations {
 }
 
 impl PortReservations {
-    /// Hold `addr` (a port the caller chose), failing by name if it is taken.
-    fn hold_tcp(&mut self, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(addr)
-            .with_context(|| format!("{what}: port {} is not free", addr.port()))?;
-        self.tcp.push(listener);
+    /// Hold `addr`, a port the caller chose.
+    fn hold_tcp(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+        self.tcp.push(TcpListener::bind(addr)?);
         Ok(())
     }
 
@@ -278,7 +276,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut ports = PortReservations::default();
     for (name, addr) in compute_names.iter().zip(&amqp_addrs) {
         // Fail here, by name, rather than with a child that dies on a taken port.
-        ports.hold_tcp(*addr, &format!("the AMQP address of {name}"))?;
+        ports
+            .hold_tcp(*addr)
+            .with_context(|| format!("AMQP port {} for {name} is not free", addr.port()))?;
     }
     let mut all_names: Vec<&str> = storage_names.iter().map(String::as_str).collect();
     all_names.extend(compute_names.iter().map(String::as_str));

@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
-use warren_common::{Epoch, LogId, NodeId};
+use warren_common::{Epoch, Generation, LogId, NodeId};
 use warren_storage::client::StorageClient;
 use warren_storage::protocol::ownership as rules;
 
+use crate::cluster::membership::Incarnation;
 use crate::cluster::{ownership, peer};
 use crate::config::ComputeConfig;
 use crate::error::AmqpError;
@@ -24,7 +25,7 @@ use crate::queue::log::{DurableLog, MemoryLog};
 use crate::queue::owner::{self, ExitReason};
 use crate::queue::{QueueEngine, QueueHandle};
 use crate::routing;
-use crate::topology::{QueueDef, Topology};
+use crate::topology::{Home, QueueDef, Topology};
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable};
 
 /// Who owns a queue's log: written to the metadata store before the owner serves.
@@ -126,6 +127,62 @@ impl Node {
             );
         }
         Ok(node)
+    }
+
+    /// This process, as the home of the transient exchanges and queues it declares.
+    pub fn home(&self) -> Home {
+        Home {
+            node: self.node_id,
+            generation: self
+                .membership
+                .as_ref()
+                .map_or(Generation(1), |m| m.generation()),
+        }
+    }
+
+    /// Whether the process `home` still runs, as far as this node's view knows (without a
+    /// cluster, only this process runs).
+    pub fn incarnation(&self, home: &Home) -> Incarnation {
+        match &self.membership {
+            Some(m) => m.view().incarnation(home.node, home.generation),
+            None if *home == self.home() => Incarnation::Live,
+            None => Incarnation::Ended,
+        }
+    }
+
+    /// Wait, at most two compute leases, until this node's view tells whether the process
+    /// `home` still runs: one that just failed is known to be gone once its lease lapsed,
+    /// and one that just joined is seen at the next membership read.
+    pub async fn settle(&self, home: &Home) -> Incarnation {
+        self.await_incarnation(home, |i| i != Incarnation::Unknown)
+            .await
+    }
+
+    /// Wait, at most two compute leases, until `done` holds for the incarnation of `home`
+    /// in this node's view; returns the last one seen.
+    pub async fn await_incarnation(
+        &self,
+        home: &Home,
+        done: impl Fn(Incarnation) -> bool,
+    ) -> Incarnation {
+        let Some(membership) = &self.membership else {
+            return self.incarnation(home);
+        };
+        let patience = std::time::Duration::from_millis(self.config.cluster.lease_ms * 2);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut view = membership.subscribe();
+        loop {
+            let now = self.incarnation(home);
+            if done(now) {
+                return now;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, view.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return self.incarnation(home);
+            }
+        }
     }
 
     /// The logs this node keeps fully replicated in the background: those of the durable
@@ -327,8 +384,13 @@ impl Node {
         let Some(def) = def else {
             return Err(format!("no queue '{name}' in vhost '{vhost}'"));
         };
-        if !def.durable || def.exclusive {
-            return Err(format!("queue '{name}' is not served across nodes"));
+        if let Some(home) = def.home
+            && home != self.home()
+        {
+            return Err(format!(
+                "queue '{name}' in vhost '{vhost}' lives on node {}, not here",
+                home.node
+            ));
         }
         self.queue_for(vhost, &def, true)
             .await
@@ -342,7 +404,7 @@ impl Node {
         from_peer: bool,
     ) -> Result<QueueHandle, AmqpError> {
         if let Some(h) = self.running(vhost, &def.name) {
-            if from_peer && h.log_id().is_none() {
+            if from_peer && h.shared().remote {
                 return Err(AmqpError::internal("this node is not the queue's owner"));
             }
             return Ok(h);
@@ -380,7 +442,7 @@ impl Node {
         from_peer: bool,
     ) -> Result<QueueHandle, AmqpError> {
         if let Some(h) = self.running(vhost, &def.name) {
-            if from_peer && h.log_id().is_none() {
+            if from_peer && h.shared().remote {
                 return Err(AmqpError::internal("this node is not the queue's owner"));
             }
             return Ok(h);
@@ -477,17 +539,39 @@ impl Node {
     }
 
     /// The node that should own `def` and its peer address, when that is not this node.
-    /// Durable queues only: transient and exclusive queues live where they were declared.
-    /// Sticky: the owner recorded in the queue's descriptor keeps the queue while it is a
-    /// live member; otherwise rendezvous hashing over the live members decides. An error
-    /// when this node is not a live member itself.
+    /// A transient queue is owned by its home process, for as long as that runs. A durable
+    /// queue's owner is sticky: the owner recorded in the queue's descriptor keeps the queue
+    /// while it is a live member; otherwise rendezvous hashing over the live members
+    /// decides. An error when this node is not a live member itself.
     async fn remote_owner(
         &self,
         vhost: &str,
         def: &QueueDef,
     ) -> Result<Option<(NodeId, SocketAddr)>, AmqpError> {
-        if !def.durable || def.exclusive {
-            return Ok(None);
+        if let Some(home) = def.home {
+            return match self.incarnation(&home) {
+                Incarnation::Live if home.node == self.node_id => Ok(None),
+                Incarnation::Live => {
+                    let addr = self
+                        .membership
+                        .as_ref()
+                        .and_then(|m| m.view().members.get(&home.node).map(|r| r.peer_addr));
+                    match (addr, self.peers.get()) {
+                        (Some(addr), Some(_)) => Ok(Some((home.node, addr))),
+                        _ => Err(AmqpError::internal("the queue's home node is unreachable")),
+                    }
+                }
+                // RabbitMQ deletes a transient queue whose node went down.
+                Incarnation::Ended => Err(AmqpError::not_found(format!(
+                    "queue '{}' in vhost '{vhost}' was deleted with its node",
+                    def.name
+                ))),
+                // The home may have joined a moment ago, or be about to be evicted: the
+                // caller waits for the view to tell.
+                Incarnation::Unknown => Err(AmqpError::internal(
+                    "the queue's home node is not a live member yet",
+                )),
+            };
         }
         let (Some(membership), Some(_)) = (&self.membership, self.peers.get()) else {
             return Ok(None);
@@ -582,6 +666,50 @@ impl Node {
     pub fn start_peers(self: &Arc<Self>, endpoint: quinn::Endpoint) {
         tokio::spawn(peer::serve(Arc::downgrade(self), endpoint.clone()));
         let _ = self.peers.set(Arc::new(peer::Peers::new(endpoint)));
+        let weak = Arc::downgrade(self);
+        self.topology
+            .set_announcer(Arc::new(move |vhost: String, version: u64| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    if let Some(node) = weak.upgrade() {
+                        node.announce_topology(&vhost, version).await;
+                    }
+                })
+            }));
+    }
+
+    /// Tell every other live compute node that this node wrote `version` of `vhost`'s
+    /// topology, and wait until each routes by it: then a client told declare-ok or bind-ok
+    /// here finds the change through any node at once, as on a RabbitMQ cluster. A node
+    /// that does not answer within [`ANNOUNCE_TIMEOUT`] (failing, or cut off) is left to its
+    /// own refresh.
+    async fn announce_topology(&self, vhost: &str, version: u64) {
+        let (Some(membership), Some(peers)) = (&self.membership, self.peers.get()) else {
+            return;
+        };
+        let view = membership.view();
+        let mut tells = tokio::task::JoinSet::new();
+        for (id, record) in &view.members {
+            if *id == self.node_id {
+                continue;
+            }
+            let peers = peers.clone();
+            let addr = record.peer_addr;
+            let vhost = vhost.to_string();
+            tells.spawn(async move {
+                let told = tokio::time::timeout(
+                    ANNOUNCE_TIMEOUT,
+                    peers.announce_topology(addr, &vhost, version),
+                )
+                .await;
+                match told {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%addr, error = %e, "topology change not acknowledged"),
+                    Err(_) => debug!(%addr, "topology change not acknowledged in time"),
+                }
+            });
+        }
+        while tells.join_next().await.is_some() {}
     }
 
     /// Stop serving peers and close every peer connection (the node is stopping).
@@ -773,26 +901,55 @@ impl Node {
     }
 }
 
+/// How long a topology change waits for another compute node to acknowledge it.
+const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How often a node looks for under-replicated segments in the logs it looks after.
 const REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// How often a node re-reads the topology registers for other nodes' changes.
+/// How often a node re-reads the topology registers for other nodes' changes (and removes
+/// the transient entities of nodes that are gone).
 const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn refresh_topology(node: Weak<Node>) {
     let mut tick = tokio::time::interval(TOPOLOGY_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut views = node
+        .upgrade()
+        .and_then(|n| n.membership.as_ref().map(|m| m.subscribe()));
     loop {
-        tick.tick().await;
+        // A membership change may end a home: sweep at once, not at the next tick.
+        match views.as_mut() {
+            Some(v) => tokio::select! {
+                _ = tick.tick() => {}
+                changed = v.changed() => {
+                    if changed.is_err() {
+                        views = None;
+                    }
+                }
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
         let Some(node) = node.upgrade() else {
             return;
         };
         if *node.shutdown.borrow() {
             return;
         }
+        let view = node.membership.as_ref().map(|m| m.view());
         for vhost in node.topology.vhosts() {
             if let Err(e) = node.topology.refresh(&vhost).await {
                 tracing::debug!(vhost, error = %e, "topology refresh failed; will retry");
+            }
+            // Transient entities of processes that are gone go with them, whichever node
+            // notices first.
+            if let Some(view) = &view {
+                let ended = |h: &Home| view.incarnation(h.node, h.generation) == Incarnation::Ended;
+                if let Err(e) = node.topology.sweep(&vhost, ended).await {
+                    tracing::debug!(vhost, error = %e, "removing transient entities of ended nodes failed; will retry");
+                }
             }
         }
     }

@@ -221,6 +221,61 @@ def test_kombu_failover_urls_switch_host_and_keep_queue_and_messages(cluster3):
         conn.release()
 
 
+@pytest.mark.timeout(120)
+def test_transient_queues_are_shared_and_go_with_their_node(cluster3):
+    """A non-durable queue declared through one node is used through another; an exclusive
+    one is locked (405) to every other connection; when their node is killed, both are gone
+    and a client that fails over declares them afresh, as against a RabbitMQ cluster that
+    loses the node of a transient queue."""
+    transient, exclusive = unique("transient-q"), unique("exclusive-q")
+    home = pika.BlockingConnection(pika_params(cluster3.urls[0]))
+    other = pika.BlockingConnection(pika_params(cluster3.urls[1]))
+    try:
+        ch = home.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(transient)
+        ch.queue_declare(exclusive, exclusive=True)
+        for i in range(3):
+            ch.basic_publish("", transient, f"t-{i}".encode())
+
+        och = other.channel()
+        och.confirm_delivery()
+        assert och.queue_declare(transient, passive=True).method.message_count == 3
+        och.basic_publish("", transient, b"t-3")
+        och.basic_publish("", exclusive, b"for the owner")
+        got = []
+        for _ in range(4):
+            method, _props, body = och.basic_get(transient, auto_ack=True)
+            assert method is not None
+            got.append(body)
+        assert got == [b"t-0", b"t-1", b"t-2", b"t-3"]
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as locked:
+            other.channel().queue_declare(exclusive, passive=True)
+        assert locked.value.reply_code == 405
+        method, _props, body = ch.basic_get(exclusive, auto_ack=True)
+        assert body == b"for the owner"
+
+        cluster3.kill("compute-0")
+
+        # Declared again through the survivor: the declaration waits until the dead node
+        # is known to be gone, then both queues are new and empty.
+        och = other.channel()
+        assert och.queue_declare(transient).method.message_count == 0
+        assert och.queue_declare(exclusive, exclusive=True).method.message_count == 0
+        och.confirm_delivery()
+        och.basic_publish("", exclusive, b"mine now")
+        method, _props, body = och.basic_get(exclusive, auto_ack=True)
+        assert body == b"mine now"
+        och.queue_delete(transient)
+    finally:
+        for conn in (home, other):
+            try:
+                if conn.is_open:
+                    conn.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+
 def advertised_nodes(url):
     """The `warren_cluster_nodes` server property a fresh connection to `url` announces."""
     conn = pika.BlockingConnection(pika_params(url, connection_attempts=1, socket_timeout=5))

@@ -21,12 +21,11 @@ fn advertised_nodes(url: &str) -> String {
     String::from_utf8_lossy(&args).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn declarations_through_one_node_are_usable_at_once_through_another() {
+/// A two-node cluster whose nodes count each other as live members (each view follows the
+/// registry within a lease renewal), and a connection to each.
+async fn two_nodes() -> (WarrenDev, Connection, Connection) {
     let dev = WarrenDev::start_cluster(ClusterOpts::new(2, 3)).unwrap();
     let urls = dev.amqp_urls();
-    // Each node counts the other as a live member (its view follows the registry within a
-    // lease renewal): from then on every declaration through one is visible through the other.
     let deadline = Instant::now() + Duration::from_secs(30);
     for url in urls {
         while !urls
@@ -43,6 +42,12 @@ async fn declarations_through_one_node_are_usable_at_once_through_another() {
     let b = Connection::connect(&urls[1], ConnectionProperties::default())
         .await
         .unwrap();
+    (dev, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declarations_through_one_node_are_usable_at_once_through_another() {
+    let (_dev, a, b) = two_nodes().await;
     let on_a = a.create_channel().await.unwrap();
     let on_b = b.create_channel().await.unwrap();
     on_b.confirm_select(ConfirmSelectOptions::default())
@@ -124,6 +129,113 @@ async fn declarations_through_one_node_are_usable_at_once_through_another() {
             .unwrap()
             .unwrap_or_else(|| panic!("round {i}: the routed message is not in the queue"));
         assert_eq!(got.delivery.data, format!("m{i}").as_bytes());
+    }
+    let _ = a.close(200, "OK".into()).await;
+    let _ = b.close(200, "OK".into()).await;
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+/// Publish `body` to `exchange` through `ch` (in confirm mode) and wait for its confirm.
+async fn publish_confirmed(ch: &lapin::Channel, exchange: &str, body: &str) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{body}: {confirm:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_changed_through_one_node_routes_at_once_through_another() {
+    let (_dev, a, b) = two_nodes().await;
+    let on_a = a.create_channel().await.unwrap();
+    let on_b = b.create_channel().await.unwrap();
+    on_b.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let exchange = "fan-out";
+    on_a.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    on_a.queue_declare("first".into(), durable_queue(), FieldTable::default())
+        .await
+        .unwrap();
+    on_a.queue_bind(
+        "first".into(),
+        exchange.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // Node b routes the exchange somewhere already, so no miss makes it look again: only
+    // the change itself can tell it about the bindings below.
+    publish_confirmed(&on_b, exchange, "warm-up").await;
+    for i in 0..10 {
+        let queue = format!("later-{i}");
+        on_a.queue_declare(
+            queue.as_str().into(),
+            durable_queue(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        on_a.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        publish_confirmed(&on_b, exchange, &format!("bound-{i}")).await;
+        let got = on_b
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("round {i}: node b did not route to the new binding"));
+        assert_eq!(got.delivery.data, format!("bound-{i}").as_bytes());
+
+        on_a.queue_unbind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        publish_confirmed(&on_b, exchange, &format!("unbound-{i}")).await;
+        let got = on_b
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        assert!(
+            got.is_none(),
+            "round {i}: node b still routed to a removed binding"
+        );
     }
     let _ = a.close(200, "OK".into()).await;
     let _ = b.close(200, "OK".into()).await;

@@ -41,6 +41,22 @@ pub struct ClusterView {
     pub me: NodeId,
     /// This node's generation; `Generation(0)` while it is evicted and not yet joined again.
     pub generation: Generation,
+    /// For every compute node in the registry, the newest of its generations known to be
+    /// over (evicted, left, or replaced by a newer process): what it declared in those
+    /// generations died with it.
+    pub ended: BTreeMap<NodeId, Generation>,
+}
+
+/// Whether one process incarnation of a compute node (a node id and a generation) still runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incarnation {
+    /// A live member of the view.
+    Live,
+    /// Evicted, left or superseded: it will never serve again.
+    Ended,
+    /// Neither yet: a member this view has not caught up with, or one whose lease is
+    /// lapsing and that nobody has evicted yet.
+    Unknown,
 }
 
 impl Default for ClusterView {
@@ -51,11 +67,48 @@ impl Default for ClusterView {
             storage: BTreeMap::new(),
             me: NodeId(uuid::Uuid::nil()),
             generation: Generation(0),
+            ended: BTreeMap::new(),
         }
     }
 }
 
 impl ClusterView {
+    /// Whether `node` in `generation` still runs, as far as this view knows.
+    pub fn incarnation(&self, node: NodeId, generation: Generation) -> Incarnation {
+        if node == self.me {
+            return if generation == self.generation && generation.0 > 0 {
+                Incarnation::Live
+            } else if generation < self.generation || generation.0 == 0 {
+                Incarnation::Ended
+            } else {
+                // A generation of this node newer than its own: not this process.
+                Incarnation::Unknown
+            };
+        }
+        if self.ended.get(&node).is_some_and(|e| *e >= generation) {
+            Incarnation::Ended
+        } else if self
+            .members
+            .get(&node)
+            .is_some_and(|r| r.generation == generation)
+        {
+            Incarnation::Live
+        } else {
+            Incarnation::Unknown
+        }
+    }
+
+    /// Note what a registry record says has ended.
+    fn note_ended(&mut self, id: NodeId, r: &ComputeRecord) {
+        let over = if r.state == MemberState::Active {
+            Generation(r.generation.0.saturating_sub(1))
+        } else {
+            r.generation
+        };
+        let e = self.ended.entry(id).or_insert(over);
+        *e = (*e).max(over);
+    }
+
     /// Same members, generations and addresses (heartbeats aside).
     fn same_as(&self, other: &ClusterView) -> bool {
         fn key(r: &ComputeRecord) -> impl PartialEq + '_ {
@@ -66,6 +119,7 @@ impl ClusterView {
         }
         self.me == other.me
             && self.generation == other.generation
+            && self.ended == other.ended
             && self.members.len() == other.members.len()
             && self.storage.len() == other.storage.len()
             && self
@@ -131,6 +185,9 @@ impl Membership {
             generation,
             ..ClusterView::default()
         };
+        for (id, r) in &registry.nodes {
+            view.note_ended(*id, r);
+        }
         // Every Active member gets a full lease from now before this node judges it.
         view.members = registry
             .nodes
@@ -447,7 +504,9 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
             ..ClusterView::default()
         };
         let mut lapsed = Vec::new();
+        view.ended = inner.view.borrow().ended.clone();
         for (id, r) in &registry.nodes {
+            view.note_ended(*id, r);
             let late = compute.observe(*id, r.generation, r.heartbeat, r.state, now, lease);
             if r.state != MemberState::Active {
                 continue;

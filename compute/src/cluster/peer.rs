@@ -28,11 +28,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::debug;
 use warren_common::config::TlsPaths;
 use warren_common::{NodeId, tls};
-use warren_proto::internal::peer::{ALPN, WireChannel, WireMessage};
+use warren_proto::internal::peer::{
+    self as wire, ALPN, PeerEvent, PeerRequest, WireChannel, WireMessage,
+};
 
 use super::membership::ClusterView;
 use super::replies::ReplySenders;
@@ -173,6 +177,44 @@ impl Peers {
         msg: WireMessage,
     ) -> Result<(), String> {
         self.replies.send(self, addr, (name, msg))
+    }
+
+    /// Tell the node at `addr` that this node wrote `version` of `vhost`'s topology, and
+    /// wait until it routes by that version or a newer one.
+    pub async fn announce_topology(
+        &self,
+        addr: SocketAddr,
+        vhost: &str,
+        version: u64,
+    ) -> Result<(), String> {
+        let mut buf = BytesMut::new();
+        wire::encode_request(
+            &PeerRequest::TopologyChanged {
+                vhost: vhost.to_string(),
+                version,
+            },
+            &mut buf,
+        );
+        let (mut send, mut recv) = self.open_stream(addr).await?;
+        send.write_all(&buf)
+            .await
+            .map_err(|e| format!("peer {addr}: {e}"))?;
+        send.finish().map_err(|e| format!("peer {addr}: {e}"))?;
+        let mut answer = BytesMut::new();
+        loop {
+            match wire::decode_event(&mut answer) {
+                Ok(Some(PeerEvent::TopologyCurrent)) => return Ok(()),
+                Ok(Some(other)) => return Err(format!("peer {addr}: unexpected {other:?}")),
+                Ok(None) => {}
+                Err(e) => return Err(format!("peer {addr}: {e}")),
+            }
+            answer.reserve(64);
+            match recv.read_buf(&mut answer).await {
+                Ok(0) => return Err(format!("peer {addr}: no answer")),
+                Ok(_) => {}
+                Err(e) => return Err(format!("peer {addr}: {e}")),
+            }
+        }
     }
 
     /// A handle to queue `name` owned by the node at `addr`: a proxy task forwarding

@@ -73,6 +73,7 @@ pub(super) async fn open(
         name: name.to_string(),
         durable,
         log_id: None,
+        remote: true,
         tx,
     }));
     let proxy = Proxy {
@@ -459,7 +460,9 @@ impl Proxy {
     /// Handle an event; `Some(deleted)` when the session is over.
     fn on_event(&mut self, ev: PeerEvent) -> Option<bool> {
         match ev {
-            PeerEvent::Opened | PeerEvent::Refused { .. } => return Some(false),
+            PeerEvent::Opened | PeerEvent::Refused { .. } | PeerEvent::TopologyCurrent => {
+                return Some(false);
+            }
             PeerEvent::Closed { deleted } => return Some(deleted),
             PeerEvent::Deliver { deliveries } => self.deliver(deliveries),
             PeerEvent::Confirm { channel, seqs, ok } => {

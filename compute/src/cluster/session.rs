@@ -54,6 +54,8 @@ enum First {
     /// A reply stream, by its first reply to a direct reply-to consumer on this node: its
     /// name and the message.
     DirectReply(String, wire::WireMessage),
+    /// Another node wrote this version of a vhost's topology.
+    TopologyChanged(String, u64),
 }
 
 /// Read the first frame of a stream.
@@ -63,6 +65,9 @@ async fn read_open(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<F
             Ok(Some(PeerRequest::Open { vhost, queue })) => return Ok(First::Open(vhost, queue)),
             Ok(Some(PeerRequest::DirectReply { name, msg })) => {
                 return Ok(First::DirectReply(name, msg));
+            }
+            Ok(Some(PeerRequest::TopologyChanged { vhost, version })) => {
+                return Ok(First::TopologyChanged(vhost, version));
             }
             Ok(Some(other)) => return Err(format!("expected Open, got {other:?}")),
             Ok(None) => {}
@@ -152,6 +157,22 @@ pub(super) async fn serve_session(
             // Nothing goes back on a reply stream.
             let _ = send.finish();
             serve_replies(node, recv, buf, peer, name, msg).await;
+            return;
+        }
+        Ok(Ok(First::TopologyChanged(vhost, version))) => {
+            // Answered once this node routes by that version (or a newer one), so the
+            // sender's client, told declare-ok or bind-ok, finds it here too.
+            if let Some(n) = node.upgrade() {
+                match n.topology.catch_up(&vhost, version).await {
+                    Ok(()) => {
+                        let _ = write_event(&mut send, &PeerEvent::TopologyCurrent).await;
+                    }
+                    Err(e) => {
+                        debug!(%peer, vhost, error = %e, "could not catch up with a topology change")
+                    }
+                }
+            }
+            let _ = send.finish();
             return;
         }
         Ok(Err(e)) => {
@@ -505,7 +526,7 @@ impl Session {
                 }
             }
             // Only valid as the first frame of a stream of its own: ignore, like a second Open.
-            PeerRequest::DirectReply { .. } => {}
+            PeerRequest::DirectReply { .. } | PeerRequest::TopologyChanged { .. } => {}
         }
     }
 }

@@ -76,8 +76,8 @@ pub struct Conn {
     /// Commands for queue owners gathered while handling one read, sent as one batch per
     /// queue before anything else talks to those queues.
     outbox: Vec<(QueueHandle, Vec<QueueCmd>)>,
-    /// Queues whose owner could not be started, until when, and why.
-    pub(crate) unavailable: HashMap<String, (Instant, AmqpError)>,
+    /// Queues whose owner could not be started: which incarnation (log), until when, and why.
+    pub(crate) unavailable: HashMap<String, (warren_common::LogId, Instant, AmqpError)>,
 }
 
 /// Serve one accepted socket until it closes.

@@ -3,6 +3,7 @@
 use amq_protocol::protocol::{AMQPClass, exchange};
 
 use super::{args_equivalent, rs};
+use crate::cluster::membership::Incarnation;
 use crate::connection::Conn;
 use crate::error::AmqpError;
 use crate::routing::{BindingDef, Destination, ExchangeDef, ExchangeKind, headers};
@@ -107,10 +108,31 @@ impl Conn {
                 auto_delete: d.auto_delete,
                 internal: d.internal,
                 arguments: d.arguments,
+                home: (!d.durable).then(|| self.node.home()),
             };
+            // A transient exchange of a node that just failed is declared afresh once that
+            // node is known to be gone, rather than kept until it is swept with its bindings.
+            let home = self
+                .node
+                .topology
+                .snapshot(&vhost)
+                .and_then(|t| t.exchanges.get(&name).and_then(|x| x.def.home));
+            if let Some(home) = home {
+                self.node.settle(&home).await;
+            }
+            let node = self.node.clone();
             self.node
                 .topology
                 .edit(&vhost, |e| {
+                    if let Some(cur) = e.topo.exchanges.get(&name)
+                        && cur
+                            .def
+                            .home
+                            .is_some_and(|h| node.incarnation(&h) == Incarnation::Ended)
+                    {
+                        // It went with the node that declared it: declare it afresh.
+                        e.delete_exchange(&name);
+                    }
                     if let Some(cur) = e.topo.exchanges.get(&name) {
                         let c = &cur.def;
                         if c.kind != def.kind {
@@ -148,7 +170,7 @@ impl Conn {
                             "exchange name '{name}' contains reserved prefix 'amq.*'"
                         )));
                     }
-                    e.put_exchange(def);
+                    e.put_exchange(def.clone());
                     Ok(())
                 })
                 .await?;
@@ -238,7 +260,7 @@ impl Conn {
                 }
                 if add {
                     validate_binding(kind, &b)?;
-                    e.bind(b);
+                    e.bind(b.clone());
                 } else {
                     e.unbind(&b);
                 }

@@ -171,9 +171,23 @@ impl Conn {
         Ok(def)
     }
 
+    /// Wait until the home process of the transient queue `name`, if it has one, is known
+    /// to run or to be gone ([`crate::node::Node::settle`]), so that a client redeclaring a
+    /// queue of a node that just failed gets a fresh queue, not a 405 or a wait on the dead.
+    pub(crate) async fn settle_home_of(&self, name: &str) {
+        let home = self
+            .node
+            .topology
+            .snapshot(&self.vhost)
+            .and_then(|t| t.queues.get(name).and_then(|q| q.home));
+        if let Some(home) = home {
+            self.node.settle(&home).await;
+        }
+    }
+
     /// RabbitMQ's 405 for an exclusive queue of another connection.
     pub(crate) fn check_exclusive(&self, def: &QueueDef) -> Result<(), AmqpError> {
-        if def.exclusive && def.owner_conn != Some(self.id) {
+        if def.locked_for(self.node.home(), self.id) {
             return Err(AmqpError::locked(format!(
                 "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
                 rs("queue", &def.name, &self.vhost)
@@ -192,7 +206,9 @@ impl Conn {
         {
             return Ok(h.clone());
         }
-        if let Some((until, e)) = self.unavailable.get(&def.name)
+        // Keyed by the queue's incarnation too: a queue declared afresh is tried at once.
+        if let Some((log, until, e)) = self.unavailable.get(&def.name)
+            && *log == def.log_id
             && tokio::time::Instant::now() < *until
         {
             return Err(e.clone());
@@ -208,7 +224,7 @@ impl Conn {
                 // retrying a takeover for every message that follows.
                 let until = tokio::time::Instant::now() + UNAVAILABLE_BACKOFF;
                 self.unavailable
-                    .insert(def.name.clone(), (until, e.clone()));
+                    .insert(def.name.clone(), (def.log_id, until, e.clone()));
                 Err(e)
             }
         }

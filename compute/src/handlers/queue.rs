@@ -8,8 +8,9 @@ use warren_common::LogId;
 
 use super::exchange::inequivalent;
 use super::{args_equivalent, random_name, rs};
+use crate::cluster::membership::Incarnation;
 use crate::connection::Conn;
-use crate::error::AmqpError;
+use crate::error::{AmqpError, ReplyCode};
 use crate::queue::owner::{DeleteRefused, QueueStats};
 use crate::queue::{QueueCmd, QueueHandle};
 use crate::routing::{BindingDef, Destination};
@@ -114,6 +115,38 @@ impl Conn {
     }
 
     async fn queue_declare(&mut self, id: u16, d: queue::Declare) -> Result<(), AmqpError> {
+        let retry = d.clone();
+        let Err(e) = self.declare_queue_once(id, d).await else {
+            return Ok(());
+        };
+        // The queue's home node may have just died without the cluster knowing yet (its
+        // lease has not lapsed): a client redeclaring it, as one does after failing over,
+        // waits until that node is known to be gone and then gets a fresh queue, rather
+        // than an error from the dead owner.
+        let foreign_home = self
+            .node
+            .topology
+            .snapshot(&self.vhost)
+            .and_then(|t| t.queues.get(retry.queue.as_str()).and_then(|q| q.home))
+            .filter(|h| *h != self.node.home());
+        let failed_owner = matches!(e.code, ReplyCode::NotFound | ReplyCode::InternalError);
+        match foreign_home {
+            Some(home) if failed_owner && !retry.passive => {
+                let now = self
+                    .node
+                    .await_incarnation(&home, |i| i == Incarnation::Ended)
+                    .await;
+                if now != Incarnation::Ended {
+                    return Err(e);
+                }
+                self.queue_cache.remove(retry.queue.as_str());
+                self.declare_queue_once(id, retry).await
+            }
+            _ => Err(e),
+        }
+    }
+
+    async fn declare_queue_once(&mut self, id: u16, d: queue::Declare) -> Result<(), AmqpError> {
         if self.declare_reply_to(id, &d)? {
             return Ok(());
         }
@@ -129,6 +162,7 @@ impl Conn {
         } else {
             let what = rs("queue", &name, &vhost);
             let me = self.id;
+            let home = self.node.home();
             let new = QueueDef {
                 name: name.clone(),
                 durable: d.durable,
@@ -137,13 +171,25 @@ impl Conn {
                 arguments: d.arguments,
                 log_id: LogId::random(),
                 owner_conn: d.exclusive.then_some(me),
+                home: (!d.durable || d.exclusive).then_some(home),
             };
+            self.settle_home_of(&name).await;
+            let node = self.node.clone();
             let (def, created) = self
                 .node
                 .topology
                 .edit(&vhost, |e| {
+                    if let Some(cur) = e.topo.queues.get(&name)
+                        && cur
+                            .home
+                            .is_some_and(|h| node.incarnation(&h) == Incarnation::Ended)
+                    {
+                        // Its node is gone, and so is it (RabbitMQ deletes the transient
+                        // queues of a node that goes down): declare it afresh.
+                        e.delete_queue(&name);
+                    }
                     if let Some(cur) = e.topo.queues.get(&name) {
-                        if cur.exclusive && cur.owner_conn != Some(me) {
+                        if cur.locked_for(home, me) {
                             return Err(AmqpError::locked(format!(
                                 "cannot obtain exclusive access to locked {what}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
                             )));
@@ -165,7 +211,7 @@ impl Conn {
                             "queue name '{name}' contains reserved prefix 'amq.*'"
                         )));
                     }
-                    e.put_queue(new);
+                    e.put_queue(new.clone());
                     let def = e
                         .topo
                         .queues

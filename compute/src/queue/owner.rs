@@ -207,6 +207,8 @@ pub struct QueueShared {
     pub durable: bool,
     /// The replicated log this owner writes, if it writes one.
     pub log_id: Option<warren_common::LogId>,
+    /// A proxy forwarding to the owner on another compute node, not an owner.
+    pub remote: bool,
     /// The owner's command channel.
     pub tx: mpsc::Sender<QueueCmd>,
 }
@@ -400,6 +402,7 @@ pub fn spawn<L: QueueLog>(engine: QueueEngine, log: L, config: OwnerConfig) -> Q
         name,
         durable,
         log_id,
+        remote: false,
         tx,
     }));
     let (appends, appends_rx) = mpsc::unbounded_channel();

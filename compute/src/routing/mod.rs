@@ -65,6 +65,9 @@ pub struct ExchangeDef {
     pub internal: bool,
     /// Declaration arguments.
     pub arguments: FieldTable,
+    /// Where a non-durable exchange lives; `None` for durable ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<crate::topology::Home>,
 }
 
 /// What a binding routes to.
@@ -291,6 +294,7 @@ mod tests {
             auto_delete: false,
             internal: false,
             arguments: FieldTable::default(),
+            home: None,
         })
     }
 

@@ -180,3 +180,45 @@ impl Broker {
         }
     }
 }
+
+/// One of several compute nodes named `name` over `storage`, on free loopback ports.
+pub async fn start_cluster_node(storage: &Storage, name: &str) -> ComputeNode {
+    let mut config = test_config(storage.tls());
+    config.node_name = name.into();
+    config.storage_seeds = storage.seeds();
+    ComputeNode::start(config, storage.client().await)
+        .await
+        .expect("compute node starts")
+}
+
+/// The AMQP URL of a compute node.
+pub fn node_url(n: &ComputeNode) -> String {
+    format!("amqp://guest:guest@{}/%2f", n.local_addr())
+}
+
+/// Wait until every node sees exactly `nodes` as the live members.
+pub async fn converge(nodes: &[&ComputeNode]) {
+    let want: Vec<NodeId> = nodes.iter().map(|n| n.node().node_id).collect();
+    for _ in 0..600 {
+        let all = nodes.iter().all(|n| {
+            let view = n.node().membership.as_ref().unwrap().view();
+            view.members.len() == want.len() && want.iter().all(|id| view.members.contains_key(id))
+        });
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("membership did not converge");
+}
+
+/// A lapin connection, failing the test after a minute.
+pub async fn connect(url: &str) -> lapin::Connection {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect")
+}

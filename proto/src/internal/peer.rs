@@ -9,7 +9,9 @@
 //! Replies to direct reply-to names homed on another node travel on a *reply stream*: a
 //! stream whose every frame is a [`PeerRequest::DirectReply`] (its first one instead of
 //! [`PeerRequest::Open`]); the home node hands them on in stream order, and nothing comes
-//! back.
+//! back. A node that changed a vhost's topology tells every other node on a short-lived
+//! stream of its own ([`PeerRequest::TopologyChanged`], answered by [`PeerEvent::TopologyCurrent`]
+//! once the receiver's snapshot is at least that new).
 //!
 //! Frame: `u32 length` (of everything after it) `| u8 kind | body`, integers big-endian,
 //! strings as `u16 length | UTF-8`, byte strings as `u32 length | bytes`.
@@ -207,6 +209,14 @@ pub enum PeerRequest {
         /// The message.
         msg: WireMessage,
     },
+    /// The sender wrote version `version` of a vhost's topology register. Sent as the only
+    /// frame of a stream of its own; answered with [`PeerEvent::TopologyCurrent`].
+    TopologyChanged {
+        /// The vhost.
+        vhost: String,
+        /// The register version written.
+        version: u64,
+    },
 }
 
 /// Why queue.delete was refused.
@@ -298,6 +308,9 @@ pub enum PeerEvent {
         /// Request id.
         req: u64,
     },
+    /// Answer to [`PeerRequest::TopologyChanged`]: this node now routes by that version or
+    /// a newer one.
+    TopologyCurrent,
     /// The owner stopped serving the queue; the stream ends.
     Closed {
         /// The queue was deleted (rather than moving to another owner).
@@ -505,6 +518,12 @@ pub fn encode_request(req: &PeerRequest, buf: &mut BytesMut) {
             buf.put_u32(*global_limit);
             finish(buf, at);
         }
+        PeerRequest::TopologyChanged { vhost, version } => {
+            let at = begin(buf, 20);
+            put_str(buf, vhost);
+            buf.put_u64(*version);
+            finish(buf, at);
+        }
     }
 }
 
@@ -621,6 +640,10 @@ pub fn encode_event(ev: &PeerEvent, buf: &mut BytesMut) {
         PeerEvent::Closed { deleted } => {
             let at = begin(buf, 0x8d);
             put_bool(buf, *deleted);
+            finish(buf, at);
+        }
+        PeerEvent::TopologyCurrent => {
+            let at = begin(buf, 0x90);
             finish(buf, at);
         }
     }
@@ -832,6 +855,10 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<PeerRequest>, FrameEr
             channel: b.channel()?,
             global_limit: b.u32()?,
         },
+        20 => PeerRequest::TopologyChanged {
+            vhost: b.str()?,
+            version: b.u64()?,
+        },
         k => return Err(FrameError::UnknownKind(k)),
     };
     b.done()?;
@@ -928,6 +955,7 @@ pub fn decode_event(buf: &mut BytesMut) -> Result<Option<PeerEvent>, FrameError>
         }
         0x8c => PeerEvent::CancelOk { req: b.u64()? },
         0x8d => PeerEvent::Closed { deleted: b.bool()? },
+        0x90 => PeerEvent::TopologyCurrent,
         k => return Err(FrameError::UnknownKind(k)),
     };
     b.done()?;
@@ -1047,12 +1075,17 @@ mod tests {
                 channel: CH,
                 global_limit: 0,
             },
+            PeerRequest::TopologyChanged {
+                vhost: "/".into(),
+                version: u64::MAX,
+            },
         ]
     }
 
     fn events() -> Vec<PeerEvent> {
         vec![
             PeerEvent::Opened,
+            PeerEvent::TopologyCurrent,
             PeerEvent::Refused {
                 reason: "not the owner".into(),
             },
