@@ -304,14 +304,10 @@ impl Node {
         let (Some(peers), Some(addr)) = (self.peers.get(), self.reply_home_peer(name)) else {
             return false;
         };
-        let peers = peers.clone();
-        let name = name.to_string();
-        let wire = peer::to_wire(msg);
-        tokio::spawn(async move {
-            if let Err(e) = peers.send_direct_reply(addr, name, wire).await {
-                debug!(%addr, error = %e, "direct reply to a peer dropped");
-            }
-        });
+        // Queued, in publish order, for the home node's one sender.
+        if let Err(e) = peers.send_direct_reply(addr, name.to_string(), peer::to_wire(msg)) {
+            debug!(%addr, error = %e, "direct reply to a peer dropped");
+        }
         true
     }
 

@@ -785,3 +785,392 @@ async fn direct_reply_to_reaches_a_requester_on_another_node() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The ready count of `queue`, asked through `ch`.
+async fn ready(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    timeout(STEP, consumer.next())
+        .await
+        .expect("delivery timed out")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owner() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("requalified".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "requalified").await;
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "requalified", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    let global = BasicQosOptions { global: true };
+    cch.basic_qos(1, global).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "requalified".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut held = vec![next_delivery(&mut consumer).await];
+
+    // Raised after the consume: the owner hands out two more.
+    cch.basic_qos(3, global).await.unwrap();
+    for _ in 0..2 {
+        held.push(next_delivery(&mut consumer).await);
+    }
+    // A qos round trip on the consuming channel: everything it sent before has reached
+    // the queue's proxy, so the count asked next is taken after the owner acted on it.
+    cch.basic_qos(3, global).await.unwrap();
+    assert_eq!(ready(&pch, "requalified").await, 17, "exactly 3 unacked");
+
+    // Lowered to 2 while 3 are held: two acks free room for one more, not two.
+    cch.basic_qos(2, global).await.unwrap();
+    for d in held.drain(..2) {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    held.push(next_delivery(&mut consumer).await);
+    cch.basic_qos(2, global).await.unwrap();
+    assert_eq!(ready(&pch, "requalified").await, 16, "exactly 2 unacked");
+
+    // Lifted: the rest arrives.
+    cch.basic_qos(0, global).await.unwrap();
+    for _ in 0..16 {
+        held.push(next_delivery(&mut consumer).await);
+    }
+    assert_eq!(held.len(), 18);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consumers_only() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    ch.queue_declare("per-consumer".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(&storage, &nodes, "per-consumer").await;
+    let conn = connect(&url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, "per-consumer", 20).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut first = cch
+        .basic_consume(
+            "per-consumer".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _held = next_delivery(&mut first).await;
+    // As in RabbitMQ, a per-consumer prefetch set now is for consumers created from now on.
+    cch.basic_qos(3, BasicQosOptions::default()).await.unwrap();
+    assert_eq!(
+        ready(&pch, "per-consumer").await,
+        19,
+        "the first consumer keeps 1"
+    );
+    let mut second = cch
+        .basic_consume(
+            "per-consumer".into(),
+            "c2".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(next_delivery(&mut second).await);
+    }
+    assert_eq!(ready(&pch, "per-consumer").await, 16, "1 + 3 unacked");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_replies_from_another_node_arrive_in_publish_order() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+
+    // The RPC server, on node B.
+    let server = connect(&url(&b)).await;
+    let sch = server.create_channel().await.unwrap();
+    sch.queue_declare("rpc-stream".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut requests = sch
+        .basic_consume(
+            "rpc-stream".into(),
+            "server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    owner_index(&storage, &[&a, &b], "rpc-stream").await;
+
+    // The requester, on node A.
+    let requester = connect(&url(&a)).await;
+    let rch = requester.create_channel().await.unwrap();
+    let mut replies = rch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rch.basic_publish(
+        "".into(),
+        "rpc-stream".into(),
+        BasicPublishOptions::default(),
+        b"stream me",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let req = next_delivery(&mut requests).await;
+    let reply_to = req.properties.reply_to().clone().unwrap().to_string();
+    req.ack(BasicAckOptions::default()).await.unwrap();
+
+    // Published back to back on node B, each crossing to node A.
+    for i in 0..200u32 {
+        sch.basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..200u32 {
+        let reply = next_delivery(&mut replies).await;
+        assert_eq!(reply.data, i.to_be_bytes(), "reply {i} in publish order");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
+    use warren_proto::internal::peer::{PeerRequest, WireMessage, encode_request};
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+
+    // A requester on node A; its reply name, read back from its request.
+    let requester = connect(&url(&a)).await;
+    let rch = requester.create_channel().await.unwrap();
+    rch.queue_declare("rpc-raw".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut replies = rch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    rch.basic_publish(
+        "".into(),
+        "rpc-raw".into(),
+        BasicPublishOptions::default(),
+        b"req",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let mut req = None;
+    for _ in 0..100 {
+        req = rch
+            .basic_get("rpc-raw".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if req.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = req
+        .expect("the request")
+        .properties
+        .reply_to()
+        .clone()
+        .unwrap()
+        .to_string();
+    let reply = |body: &'static [u8]| PeerRequest::DirectReply {
+        name: name.clone(),
+        msg: WireMessage {
+            exchange: String::new(),
+            routing_key: name.clone(),
+            persistent: false,
+            priority: None,
+            expiration_ms: None,
+            resent: false,
+            properties: bytes::Bytes::from_static(&[0, 0]),
+            body: bytes::Bytes::from_static(body),
+        },
+    };
+
+    // A cluster member writing a reply stream to node A by hand, a frame per write.
+    let view = a.node().membership.as_ref().unwrap().view();
+    let peer_addr = view.members[&a.node().node_id].peer_addr;
+    let endpoint =
+        warren_compute::cluster::peer::endpoint(&storage.tls(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let conn = endpoint
+        .connect(peer_addr, warren_common::tls::CLUSTER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    for body in [&b"one"[..], b"two", b"three"] {
+        let mut frame = bytes::BytesMut::new();
+        encode_request(&reply(body), &mut frame);
+        send.write_all(&frame).await.unwrap();
+        let got = next_delivery(&mut replies).await;
+        assert_eq!(got.data, body, "replies arrive as the stream carries them");
+    }
+    // Anything but a reply ends the stream (the home node stops reading it).
+    let mut frame = bytes::BytesMut::new();
+    encode_request(
+        &PeerRequest::Open {
+            vhost: "/".into(),
+            queue: "rpc-raw".into(),
+        },
+        &mut frame,
+    );
+    send.write_all(&frame).await.unwrap();
+    let stopped = timeout(STEP, send.stopped())
+        .await
+        .expect("the stream is stopped");
+    assert!(
+        matches!(stopped, Ok(Some(_))),
+        "stopped by the home node: {stopped:?}"
+    );
+    // A new reply stream on the same connection still works.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    encode_request(&reply(b"four"), &mut frame);
+    send.write_all(&frame).await.unwrap();
+    assert_eq!(next_delivery(&mut replies).await.data, b"four");
+    endpoint.close(0u32.into(), b"done");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues() {
+    let storage = Storage::start().await;
+    let a = start_node(&storage, "compute-0").await;
+    let b = start_node(&storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    let nodes = [&a, &b];
+    // One queue owned by node A and one by node B (ownership is by hashing).
+    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let (mut on_a, mut on_b) = (None, None);
+    for i in 0..32 {
+        let name = format!("mixed-{i}");
+        ch.queue_declare(name.as_str().into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+        let (owner, _) = owner_index(&storage, &nodes, &name).await;
+        let slot = if owner == 0 { &mut on_a } else { &mut on_b };
+        slot.get_or_insert(name);
+        if on_a.is_some() && on_b.is_some() {
+            break;
+        }
+    }
+    let (remote, local) = (on_a.unwrap(), on_b.unwrap());
+    // Clients of node B: `remote` is forwarded to node A, `local` is served here.
+    let conn = connect(&url(&b)).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, &remote, 5).await;
+    publish_confirmed(&pch, &local, 5).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut from_remote = cch
+        .basic_consume(
+            remote.as_str().into(),
+            "r".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = [
+        next_delivery(&mut from_remote).await,
+        next_delivery(&mut from_remote).await,
+    ];
+    // The channel holds its limit already: the local queue hands out nothing.
+    let mut from_local = cch
+        .basic_consume(
+            local.as_str().into(),
+            "l".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ready(&pch, &local).await,
+        5,
+        "nothing beyond the channel's limit"
+    );
+    // Acking the remote deliveries gives the channel its credit back, here too.
+    for d in held {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let d = next_delivery(&mut from_local).await;
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+}

@@ -39,6 +39,7 @@ use warren_proto::internal::peer::{
 };
 
 use super::membership::ClusterView;
+use super::replies::ReplySenders;
 use super::{proxy, session};
 use crate::error::AmqpError;
 use crate::message::Message;
@@ -49,7 +50,7 @@ use crate::queue::{ChannelKey, QueueHandle};
 /// (which may include taking its log over and replaying it).
 pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long dialing a peer may take before the queue counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Commands or events encoded into one stream write.
 pub(super) const MAX_BATCH: usize = 512;
 /// Bytes read from a stream at a time.
@@ -97,6 +98,8 @@ pub fn endpoint(paths: &TlsPaths, addr: SocketAddr) -> Result<quinn::Endpoint, A
 pub struct Peers {
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// One ordered sender of direct replies per home node.
+    pub(super) replies: ReplySenders,
 }
 
 impl Peers {
@@ -105,6 +108,7 @@ impl Peers {
         Peers {
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            replies: ReplySenders::default(),
         }
     }
 
@@ -145,7 +149,7 @@ impl Peers {
         Ok(conn)
     }
 
-    async fn open_stream(
+    pub(super) async fn open_stream(
         &self,
         addr: SocketAddr,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
@@ -161,25 +165,18 @@ impl Peers {
                 .map_err(|e| format!("peer {addr}: {e}")),
         }
     }
-    /// Send a reply to direct reply-to name `name`, homed on the node at `addr`, on a
-    /// stream of its own (no answer comes back). Replies sent this way to one name may
-    /// arrive out of order.
-    pub async fn send_direct_reply(
-        &self,
+
+    /// Queue a reply to direct reply-to name `name`, homed on the node at `addr`, for that
+    /// node's ordered sender (`replies.rs`): replies from this node to one home arrive in
+    /// the order they were queued. Never waits; an error says why the reply was dropped
+    /// (too much already queued for that node).
+    pub fn send_direct_reply(
+        self: &Arc<Self>,
         addr: SocketAddr,
         name: String,
         msg: WireMessage,
     ) -> Result<(), String> {
-        let mut buf = BytesMut::new();
-        wire::encode_request(&PeerRequest::DirectReply { name, msg }, &mut buf);
-        let (mut send, _recv) = tokio::time::timeout(CONNECT_TIMEOUT * 2, self.open_stream(addr))
-            .await
-            .map_err(|_| format!("peer {addr}: open timed out"))??;
-        send.write_all(&buf)
-            .await
-            .map_err(|e| format!("peer {addr}: {e}"))?;
-        send.finish().map_err(|e| format!("peer {addr}: {e}"))?;
-        Ok(())
+        self.replies.send(self, addr, (name, msg))
     }
 
     /// Tell the node at `addr` that this node wrote `version` of `vhost`'s topology, and

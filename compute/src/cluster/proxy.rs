@@ -19,7 +19,7 @@ use warren_proto::internal::peer::{
 use super::membership::ClusterView;
 use super::peer::{MAX_BATCH, OPEN_TIMEOUT, READ_CHUNK, from_wire, to_wire, wire_channel};
 use crate::message::Message;
-use crate::queue::engine::{ConsumeError, Entry};
+use crate::queue::engine::{ChannelLimiter, ConsumeError, Entry};
 use crate::queue::owner::{
     ConfirmTo, DeleteRefused, QUEUE_CHANNEL_CAPACITY, QueueShared, QueueStats,
 };
@@ -87,6 +87,7 @@ pub(super) async fn open(
         inflight: HashMap::new(),
         counted: HashSet::new(),
         holding: HashSet::new(),
+        limits: HashMap::new(),
         last_used: tokio::time::Instant::now(),
     };
     tokio::spawn(proxy.run(rx, ev_rx, owner, view));
@@ -136,8 +137,18 @@ struct ProxyConsumer {
     channel: ChannelKey,
     tag: Arc<str>,
     sink: ConnSink,
-    /// Counted against a channel-wide prefetch limit (acks give credit back).
-    counted: bool,
+    /// The channel's limiter, when its deliveries count against the channel-wide prefetch
+    /// (acks give credit back).
+    counted: Option<Arc<ChannelLimiter>>,
+}
+
+/// The channel-wide limit of a channel consuming through a proxy, as the owner last heard it.
+struct ForwardedLimit {
+    channel: ChannelKey,
+    /// The channel's own limiter (basic.qos global changes it).
+    limiter: Arc<ChannelLimiter>,
+    /// The limit the owner was last sent.
+    sent: u32,
 }
 
 /// The local stand-in of a remote queue.
@@ -157,6 +168,9 @@ struct Proxy {
     /// Channels holding a basic.get they may still ack (closing the session would requeue
     /// it under them).
     holding: HashSet<u64>,
+    /// Channel-wide limits of channels with acking consumers here, by channel serial: the
+    /// owner enforces a copy, which changes must reach.
+    limits: HashMap<u64, ForwardedLimit>,
     /// When the proxy last had something to do.
     last_used: tokio::time::Instant,
 }
@@ -283,13 +297,29 @@ impl Proxy {
             }
             QueueCmd::Consume { spec, sink, reply } => {
                 let global_limit = spec.limiter.as_ref().map_or(0, |l| l.limit());
+                let counted = match &spec.limiter {
+                    Some(l) if !spec.no_ack => {
+                        // Counted even with no limit yet: the owner's copy of the limiter
+                        // must hold the channel's deliveries when a limit is set later.
+                        self.limits.insert(
+                            spec.channel.serial,
+                            ForwardedLimit {
+                                channel: spec.channel,
+                                limiter: l.clone(),
+                                sent: global_limit,
+                            },
+                        );
+                        Some(l.clone())
+                    }
+                    _ => None,
+                };
                 self.consumers.insert(
                     spec.id.0,
                     ProxyConsumer {
                         channel: spec.channel,
                         tag: spec.tag.clone(),
                         sink,
-                        counted: global_limit > 0 && !spec.no_ack,
+                        counted,
                     },
                 );
                 let req = self.req(Pending::Consume {
@@ -339,6 +369,7 @@ impl Proxy {
             }
             QueueCmd::ChannelClosed { channel } => {
                 self.holding.remove(&channel.serial);
+                self.limits.remove(&channel.serial);
                 self.counted.retain(|(s, _)| *s != channel.serial);
                 self.consumers.retain(|_, c| c.channel != channel);
                 PeerRequest::ChannelClosed {
@@ -375,7 +406,10 @@ impl Proxy {
                 if_unused,
                 if_empty,
             },
-            QueueCmd::Wake => PeerRequest::Wake,
+            QueueCmd::Wake => {
+                self.forward_limits();
+                PeerRequest::Wake
+            }
             // Only an owner can be superseded or handed off; its own node does that.
             QueueCmd::Superseded => return,
             QueueCmd::HandOff { reply } => {
@@ -390,6 +424,25 @@ impl Proxy {
             }
         };
         wire::encode_request(&req, &mut self.buf);
+    }
+
+    /// Tell the owner of every channel-wide limit changed since it last heard. A channel
+    /// wakes every queue it consumes from when its basic.qos changes the limit, so the
+    /// change goes out ahead of that wake, in order with the channel's other commands.
+    fn forward_limits(&mut self) {
+        for l in self.limits.values_mut() {
+            let limit = l.limiter.limit();
+            if limit != l.sent {
+                l.sent = limit;
+                wire::encode_request(
+                    &PeerRequest::Qos {
+                        channel: wire_channel(l.channel),
+                        global_limit: limit,
+                    },
+                    &mut self.buf,
+                );
+            }
+        }
     }
 
     /// Channel-wide credit given back by settling `seqs`.
@@ -518,17 +571,25 @@ impl Proxy {
 
     fn deliver(&mut self, deliveries: Vec<WireDelivery>) {
         let mut by_conn: Vec<(u64, ConnSink, Vec<Delivery>)> = Vec::new();
-        let mut orphans: Vec<(WireChannel, u64)> = Vec::new();
+        // Deliveries given back, with the channel-wide credit each took on the owner.
+        let mut orphans: Vec<(WireChannel, u64, u32)> = Vec::new();
         for d in deliveries {
             let Some(c) = self.consumers.get(&d.consumer) else {
-                // Cancelled here while the delivery was in flight: give it back.
+                // Cancelled here while the delivery was in flight: give it back. It took
+                // credit if its channel's acking consumers are counted.
                 if !d.no_ack {
-                    orphans.push((d.channel, d.seq));
+                    let credit = u32::from(self.limits.contains_key(&d.channel.serial));
+                    orphans.push((d.channel, d.seq, credit));
                 }
                 continue;
             };
-            if c.counted && !d.no_ack {
+            if let Some(l) = &c.counted
+                && !d.no_ack
+            {
                 self.counted.insert((c.channel.serial, d.seq));
+                // The connection gives this credit back when it is settled, as for a
+                // local queue's delivery; until then the channel's local queues count it.
+                l.count();
             }
             let delivery = Delivery {
                 consumer: ConsumerId(d.consumer),
@@ -554,17 +615,18 @@ impl Proxy {
             {
                 // The connection is gone: the owner takes the messages back.
                 for d in deliveries.into_iter().filter(|d| !d.no_ack) {
-                    orphans.push((wire_channel(d.channel), d.seq));
+                    let credit = self.release(d.channel, &[d.seq]);
+                    orphans.push((wire_channel(d.channel), d.seq, credit));
                 }
             }
         }
-        for (channel, seq) in orphans {
+        for (channel, seq, release) in orphans {
             wire::encode_request(
                 &PeerRequest::Reject {
                     channel,
                     seqs: vec![seq],
                     requeue: true,
-                    release: 0,
+                    release,
                 },
                 &mut self.buf,
             );

@@ -51,7 +51,8 @@ fn lock(m: &Mutex<SessionMaps>) -> std::sync::MutexGuard<'_, SessionMaps> {
 enum First {
     /// A queue session: vhost and queue.
     Open(String, String),
-    /// A lone reply to a direct reply-to consumer on this node: its name and the message.
+    /// A reply stream, by its first reply to a direct reply-to consumer on this node: its
+    /// name and the message.
     DirectReply(String, wire::WireMessage),
     /// Another node wrote this version of a vhost's topology.
     TopologyChanged(String, u64),
@@ -81,6 +82,59 @@ async fn read_open(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<F
     }
 }
 
+/// Hand each reply of a reply stream, in stream order, to its consumer if it is still
+/// here, else drop it (as RabbitMQ drops a reply to a consumer that is gone).
+async fn serve_replies(
+    node: Weak<Node>,
+    mut recv: quinn::RecvStream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    name: String,
+    msg: wire::WireMessage,
+) {
+    if !deliver_reply(&node, peer, &name, msg) {
+        return;
+    }
+    loop {
+        loop {
+            match wire::decode_request(&mut buf) {
+                Ok(Some(PeerRequest::DirectReply { name, msg })) => {
+                    if !deliver_reply(&node, peer, &name, msg) {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    warn!(%peer, request = ?other, "a reply stream from a peer carried something else; closing it");
+                    let _ = recv.stop(quinn::VarInt::from_u32(1));
+                    return;
+                }
+                Err(e) => {
+                    warn!(%peer, error = %e, "malformed frame from a peer; closing its reply stream");
+                    let _ = recv.stop(quinn::VarInt::from_u32(1));
+                    return;
+                }
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match recv.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Hand one reply to its consumer; false once the node is gone.
+fn deliver_reply(node: &Weak<Node>, peer: SocketAddr, name: &str, msg: wire::WireMessage) -> bool {
+    let Some(n) = node.upgrade() else {
+        return false;
+    };
+    if !n.deliver_direct_reply(name, Arc::new(from_wire(msg))) {
+        debug!(%peer, name, "direct reply from a peer for no consumer; dropped");
+    }
+    true
+}
+
 async fn write_event(send: &mut quinn::SendStream, ev: &PeerEvent) -> bool {
     let mut buf = BytesMut::new();
     wire::encode_event(ev, &mut buf);
@@ -100,14 +154,9 @@ pub(super) async fn serve_session(
     let (vhost, queue) = match opened {
         Ok(Ok(First::Open(vhost, queue))) => (vhost, queue),
         Ok(Ok(First::DirectReply(name, msg))) => {
-            // Delivered to the consumer if it is still here, else dropped (as RabbitMQ drops
-            // a reply to a consumer that is gone).
-            if let Some(n) = node.upgrade()
-                && !n.deliver_direct_reply(&name, Arc::new(from_wire(msg)))
-            {
-                debug!(%peer, name, "direct reply from a peer for no consumer; dropped");
-            }
+            // Nothing goes back on a reply stream.
             let _ = send.finish();
+            serve_replies(node, recv, buf, peer, name, msg).await;
             return;
         }
         Ok(Ok(First::TopologyChanged(vhost, version))) => {
@@ -300,7 +349,10 @@ impl Session {
                     m.consumers.insert(local, consumer);
                     m.by_remote.insert(consumer, local);
                     m.channels.insert(channel.serial, key);
-                    (global_limit > 0 && !no_ack).then(|| {
+                    // Every acking consumer counts against its channel's limiter, even
+                    // with no limit yet, so that a limit a later `Qos` sets counts what
+                    // the channel already holds (as the channel's own limiter does).
+                    (!no_ack).then(|| {
                         let l = m.limiters.entry(channel.serial).or_default().clone();
                         l.set_limit(global_limit);
                         l
@@ -457,6 +509,22 @@ impl Session {
                 });
             }
             PeerRequest::Wake => cmds.push(QueueCmd::Wake),
+            PeerRequest::Qos {
+                channel,
+                global_limit,
+            } => {
+                // A channel with no acking consumer here has no limiter yet; its next
+                // consume brings the limit along.
+                let limiter = lock(&self.maps).limiters.get(&channel.serial).cloned();
+                if let Some(l) = limiter {
+                    let old = l.limit();
+                    l.set_limit(global_limit);
+                    // Raised or lifted: consumers the old limit held back may take more.
+                    if old != 0 && (global_limit == 0 || global_limit > old) {
+                        cmds.push(QueueCmd::Wake);
+                    }
+                }
+            }
             // Only valid as the first frame of a stream of its own: ignore, like a second Open.
             PeerRequest::DirectReply { .. } | PeerRequest::TopologyChanged { .. } => {}
         }

@@ -66,6 +66,12 @@ impl ChannelLimiter {
         }
     }
 
+    /// Count one delivery made without asking: a queue on another node enforces its own
+    /// copy of the limit, and this channel's other queues must see what it handed out.
+    pub fn count(&self) {
+        self.unacked.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Return `n` units; true if some queue was refused credit and should be woken.
     pub fn release(&self, n: u32) -> bool {
         if n == 0 {

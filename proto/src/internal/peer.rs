@@ -6,10 +6,11 @@
 //! [`PeerRequest::Open`], then sends requests; the owner answers with [`PeerEvent`]s.
 //! Replies to requests that expect one (consume, get, purge, stats, delete, cancel) echo
 //! the request id chosen by the proxy. Both sides process a stream's frames in order.
-//! A reply to a direct reply-to name homed on another node travels alone on a short-lived
-//! stream: its only frame is [`PeerRequest::DirectReply`], and nothing comes back.
-//! A node that changed a vhost's topology tells every other node on a short-lived stream
-//! of its own ([`PeerRequest::TopologyChanged`], answered by [`PeerEvent::TopologyCurrent`]
+//! Replies to direct reply-to names homed on another node travel on a *reply stream*: a
+//! stream whose every frame is a [`PeerRequest::DirectReply`] (its first one instead of
+//! [`PeerRequest::Open`]); the home node hands them on in stream order, and nothing comes
+//! back. A node that changed a vhost's topology tells every other node on a short-lived
+//! stream of its own ([`PeerRequest::TopologyChanged`], answered by [`PeerEvent::TopologyCurrent`]
 //! once the receiver's snapshot is at least that new).
 //!
 //! Frame: `u32 length` (of everything after it) `| u8 kind | body`, integers big-endian,
@@ -190,8 +191,17 @@ pub enum PeerRequest {
     },
     /// Try to deliver (credit came back).
     Wake,
-    /// A reply to a direct reply-to name whose consumer is on the receiving node. Sent as
-    /// the only frame of a stream of its own (instead of [`PeerRequest::Open`]); nothing is
+    /// The channel-wide prefetch limit (`basic.qos` global) of a channel with consumers in
+    /// this session changed after they consumed. Sent before the [`PeerRequest::Wake`]
+    /// that lets a raised limit deliver.
+    Qos {
+        /// The channel.
+        channel: WireChannel,
+        /// The new limit (0 = none).
+        global_limit: u32,
+    },
+    /// A reply to a direct reply-to name whose consumer is on the receiving node. Only on a
+    /// reply stream, whose first frame it is (instead of [`PeerRequest::Open`]); nothing is
     /// answered, and a reply nobody consumes is dropped.
     DirectReply {
         /// The reply name (`amq.rabbitmq.reply-to.<node>.<random>`).
@@ -497,6 +507,15 @@ pub fn encode_request(req: &PeerRequest, buf: &mut BytesMut) {
             let at = begin(buf, 13);
             put_str(buf, name);
             put_msg(buf, msg);
+            finish(buf, at);
+        }
+        PeerRequest::Qos {
+            channel,
+            global_limit,
+        } => {
+            let at = begin(buf, 14);
+            put_channel(buf, channel);
+            buf.put_u32(*global_limit);
             finish(buf, at);
         }
         PeerRequest::TopologyChanged { vhost, version } => {
@@ -832,6 +851,10 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<PeerRequest>, FrameEr
             name: b.str()?,
             msg: b.msg()?,
         },
+        14 => PeerRequest::Qos {
+            channel: b.channel()?,
+            global_limit: b.u32()?,
+        },
         20 => PeerRequest::TopologyChanged {
             vhost: b.str()?,
             version: b.u64()?,
@@ -1044,6 +1067,14 @@ mod tests {
                 name: String::new(),
                 msg: bare(),
             },
+            PeerRequest::Qos {
+                channel: CH,
+                global_limit: 3,
+            },
+            PeerRequest::Qos {
+                channel: CH,
+                global_limit: 0,
+            },
             PeerRequest::TopologyChanged {
                 vhost: "/".into(),
                 version: u64::MAX,
@@ -1195,6 +1226,26 @@ mod tests {
         let mut want = vec![0, 0, 0, 35, 5];
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
         want.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 4]);
+        assert_eq!(&buf[..], &want[..]);
+    }
+
+    #[test]
+    fn golden_qos_bytes() {
+        let mut buf = BytesMut::new();
+        encode_request(
+            &PeerRequest::Qos {
+                channel: WireChannel {
+                    conn: 1,
+                    channel: 2,
+                    serial: 3,
+                },
+                global_limit: 0x0102,
+            },
+            &mut buf,
+        );
+        let mut want = vec![0, 0, 0, 23, 14];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
+        want.extend_from_slice(&[0, 0, 1, 2]);
         assert_eq!(&buf[..], &want[..]);
     }
 
