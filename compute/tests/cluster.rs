@@ -9,58 +9,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Storage;
+use common::{Storage, connect, converge, node_url, start_cluster_node};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
 use tokio::time::timeout;
-use warren_common::NodeId;
+use warren_compute::ComputeNode;
 use warren_compute::node::{Node, QueueDescriptor};
-use warren_compute::{ComputeConfig, ComputeNode};
 
 const STEP: Duration = Duration::from_secs(60);
-
-async fn start_node(storage: &Storage, name: &str) -> ComputeNode {
-    let mut config = ComputeConfig::new(storage.tls());
-    config.node_name = name.into();
-    config.amqp_listen = "127.0.0.1:0".parse().unwrap();
-    config.peer_listen = "127.0.0.1:0".parse().unwrap();
-    config.storage_seeds = storage.seeds();
-    ComputeNode::start(config, storage.client().await)
-        .await
-        .expect("compute node starts")
-}
-
-fn url(n: &ComputeNode) -> String {
-    format!("amqp://guest:guest@{}/%2f", n.local_addr())
-}
-
-/// Wait until every node sees exactly `nodes` as the live members.
-async fn converge(nodes: &[&ComputeNode]) {
-    let want: Vec<NodeId> = nodes.iter().map(|n| n.node().node_id).collect();
-    for _ in 0..600 {
-        let all = nodes.iter().all(|n| {
-            let view = n.node().membership.as_ref().unwrap().view();
-            view.members.len() == want.len() && want.iter().all(|id| view.members.contains_key(id))
-        });
-        if all {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("membership did not converge");
-}
-
-async fn connect(url: &str) -> Connection {
-    timeout(
-        STEP,
-        Connection::connect(url, ConnectionProperties::default()),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
-}
 
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
@@ -132,11 +90,11 @@ async fn owner_index(storage: &Storage, nodes: &[&ComputeNode], queue: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
-    let setup = connect(&url(&a)).await;
+    let setup = connect(&node_url(&a)).await;
     let ch = setup.create_channel().await.unwrap();
     ch.queue_declare("orders".into(), durable(), FieldTable::default())
         .await
@@ -145,7 +103,7 @@ async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
     let before = descriptor(&storage, a.node(), "orders").await.unwrap();
 
     // Publisher and consumer both on the node that does not own the queue.
-    let conn = connect(&url(nodes[other])).await;
+    let conn = connect(&node_url(nodes[other])).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, "orders", 200).await;
     let cch = conn.create_channel().await.unwrap();
@@ -170,7 +128,7 @@ async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
     // Acks reached the owner: the queue is empty there, and nothing moved.
-    let och = connect(&url(nodes[owner]))
+    let och = connect(&node_url(nodes[owner]))
         .await
         .create_channel()
         .await
@@ -207,16 +165,16 @@ async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_purge_and_delete_through_a_non_owner() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("jobs".into(), durable(), FieldTable::default())
         .await
         .unwrap();
     let (_, other) = owner_index(&storage, &nodes, "jobs").await;
-    let ch = connect(&url(nodes[other]))
+    let ch = connect(&node_url(nodes[other]))
         .await
         .create_channel()
         .await
@@ -269,10 +227,10 @@ async fn get_purge_and_delete_through_a_non_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("work".into(), durable(), FieldTable::default())
         .await
         .unwrap();
@@ -281,7 +239,7 @@ async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
     let before = descriptor(&storage, a.node(), "work").await.unwrap();
     let (owner_node, survivor) = if owner == 0 { (a, b) } else { (b, a) };
 
-    let conn = connect(&url(&survivor)).await;
+    let conn = connect(&node_url(&survivor)).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, "work", 20).await;
     let cch = conn.create_channel().await.unwrap();
@@ -356,9 +314,9 @@ async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
     converge(&[&a]).await;
-    let conn = connect(&url(&a)).await;
+    let conn = connect(&node_url(&a)).await;
     let ch = conn.create_channel().await.unwrap();
     let names: Vec<String> = (0..16).map(|i| format!("idle-{i}")).collect();
     for name in &names {
@@ -386,7 +344,7 @@ async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
     };
     assert!(before.iter().all(|d| d.owner == a.node().node_id));
 
-    let b = start_node(&storage, "compute-1").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let view = a.node().membership.as_ref().unwrap().view();
     let movers: Vec<usize> = (0..names.len())
@@ -412,7 +370,7 @@ async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
     }
     // Through either node, the moved queues kept their messages and their flags: only the
     // message delivered before is redelivered.
-    let bch = connect(&url(&b)).await.create_channel().await.unwrap();
+    let bch = connect(&node_url(&b)).await.create_channel().await.unwrap();
     for (n, &i) in movers.iter().enumerate() {
         let ch = if n % 2 == 0 { &bch } else { &ch };
         let first = ch
@@ -450,8 +408,8 @@ async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let view = a.node().membership.as_ref().unwrap().view();
     let peer_addr = view.members[&a.node().node_id].peer_addr;
@@ -496,13 +454,13 @@ async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
         Some(warren_proto::internal::peer::PeerEvent::Refused { .. })
     ));
     // Clients of both nodes are unaffected: forwarding between them still works.
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("after".into(), durable(), FieldTable::default())
         .await
         .unwrap();
     let nodes = [&a, &b];
     let (_, other) = owner_index(&storage, &nodes, "after").await;
-    let ch = connect(&url(nodes[other]))
+    let ch = connect(&node_url(nodes[other]))
         .await
         .create_channel()
         .await
@@ -522,12 +480,12 @@ async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
-    let c = start_node(&storage, "compute-2").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
+    let c = start_cluster_node(&storage, "compute-2").await;
     let nodes = [&a, &b, &c];
     converge(&nodes).await;
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("shared".into(), durable(), FieldTable::default())
         .await
         .unwrap();
@@ -537,7 +495,7 @@ async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
     let mut conns = Vec::new();
     let mut consumers = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        let conn = connect(&url(n)).await;
+        let conn = connect(&node_url(n)).await;
         let ch = conn.create_channel().await.unwrap();
         ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
         consumers.push(
@@ -626,16 +584,16 @@ async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_wide_prefetch_holds_for_a_remote_queue() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("limited".into(), durable(), FieldTable::default())
         .await
         .unwrap();
     let (_, other) = owner_index(&storage, &nodes, "limited").await;
-    let conn = connect(&url(nodes[other])).await;
+    let conn = connect(&node_url(nodes[other])).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, "limited", 20).await;
     let cch = conn.create_channel().await.unwrap();
@@ -693,12 +651,12 @@ async fn channel_wide_prefetch_holds_for_a_remote_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_reply_to_reaches_a_requester_on_another_node() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
 
     // The RPC server, on node B, consumes the request queue.
-    let server = connect(&url(&b)).await;
+    let server = connect(&node_url(&b)).await;
     let sch = server.create_channel().await.unwrap();
     sch.queue_declare("rpc".into(), durable(), FieldTable::default())
         .await
@@ -715,7 +673,7 @@ async fn direct_reply_to_reaches_a_requester_on_another_node() {
     owner_index(&storage, &[&a, &b], "rpc").await;
 
     // The requester, on node A, consumes its replies with no-ack.
-    let requester = connect(&url(&a)).await;
+    let requester = connect(&node_url(&a)).await;
     let rch = requester.create_channel().await.unwrap();
     let mut replies = rch
         .basic_consume(
@@ -812,16 +770,16 @@ async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delive
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owner() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("requalified".into(), durable(), FieldTable::default())
         .await
         .unwrap();
     let (_, other) = owner_index(&storage, &nodes, "requalified").await;
-    let conn = connect(&url(nodes[other])).await;
+    let conn = connect(&node_url(nodes[other])).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, "requalified", 20).await;
     let cch = conn.create_channel().await.unwrap();
@@ -870,16 +828,16 @@ async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consumers_only() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("per-consumer".into(), durable(), FieldTable::default())
         .await
         .unwrap();
     let (_, other) = owner_index(&storage, &nodes, "per-consumer").await;
-    let conn = connect(&url(nodes[other])).await;
+    let conn = connect(&node_url(nodes[other])).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, "per-consumer", 20).await;
     let cch = conn.create_channel().await.unwrap();
@@ -922,12 +880,12 @@ async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consum
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_replies_from_another_node_arrive_in_publish_order() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
 
     // The RPC server, on node B.
-    let server = connect(&url(&b)).await;
+    let server = connect(&node_url(&b)).await;
     let sch = server.create_channel().await.unwrap();
     sch.queue_declare("rpc-stream".into(), durable(), FieldTable::default())
         .await
@@ -944,7 +902,7 @@ async fn direct_replies_from_another_node_arrive_in_publish_order() {
     owner_index(&storage, &[&a, &b], "rpc-stream").await;
 
     // The requester, on node A.
-    let requester = connect(&url(&a)).await;
+    let requester = connect(&node_url(&a)).await;
     let rch = requester.create_channel().await.unwrap();
     let mut replies = rch
         .basic_consume(
@@ -995,12 +953,12 @@ async fn direct_replies_from_another_node_arrive_in_publish_order() {
 async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
     use warren_proto::internal::peer::{PeerRequest, WireMessage, encode_request};
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
 
     // A requester on node A; its reply name, read back from its request.
-    let requester = connect(&url(&a)).await;
+    let requester = connect(&node_url(&a)).await;
     let rch = requester.create_channel().await.unwrap();
     rch.queue_declare("rpc-raw".into(), durable(), FieldTable::default())
         .await
@@ -1108,12 +1066,12 @@ async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues() {
     let storage = Storage::start().await;
-    let a = start_node(&storage, "compute-0").await;
-    let b = start_node(&storage, "compute-1").await;
+    let a = start_cluster_node(&storage, "compute-0").await;
+    let b = start_cluster_node(&storage, "compute-1").await;
     converge(&[&a, &b]).await;
     let nodes = [&a, &b];
     // One queue owned by node A and one by node B (ownership is by hashing).
-    let ch = connect(&url(&a)).await.create_channel().await.unwrap();
+    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     let (mut on_a, mut on_b) = (None, None);
     for i in 0..32 {
         let name = format!("mixed-{i}");
@@ -1129,7 +1087,7 @@ async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues()
     }
     let (remote, local) = (on_a.unwrap(), on_b.unwrap());
     // Clients of node B: `remote` is forwarded to node A, `local` is served here.
-    let conn = connect(&url(&b)).await;
+    let conn = connect(&node_url(&b)).await;
     let pch = conn.create_channel().await.unwrap();
     publish_confirmed(&pch, &remote, 5).await;
     publish_confirmed(&pch, &local, 5).await;

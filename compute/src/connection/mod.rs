@@ -1053,9 +1053,13 @@ impl Conn {
                         self.frame_max,
                     );
                 }
-                if !orphans.is_empty() {
-                    let channel = orphans[0].0;
-                    let seqs = orphans.into_iter().map(|(_, s)| s).collect();
+                // Give orphans back per channel, with the prefetch credit they took.
+                while let Some(&(channel, _)) = orphans.first() {
+                    let (mine, rest): (Vec<_>, Vec<_>) =
+                        orphans.into_iter().partition(|(c, _)| *c == channel);
+                    orphans = rest;
+                    let n = u32::try_from(mine.len()).unwrap_or(u32::MAX);
+                    let seqs = mine.into_iter().map(|(_, s)| s).collect();
                     queue
                         .send(QueueCmd::Reject {
                             channel,
@@ -1063,6 +1067,13 @@ impl Conn {
                             requeue: true,
                         })
                         .await;
+                    let woken = self
+                        .channels
+                        .get(&channel.channel)
+                        .is_some_and(|ch| ch.limiter.release(n));
+                    if woken {
+                        self.wake_consumers(channel.channel).await;
+                    }
                 }
             }
             ConnEvent::Confirm { channel, seqs, ok } => {
