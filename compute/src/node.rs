@@ -112,6 +112,13 @@ impl Node {
             shutdown: tokio::sync::watch::channel(false).0,
         });
         node.topology.load("/").await?;
+        if let Some(membership) = &node.membership {
+            // What this node's previous process (or any other ended one) declared as
+            // transient is gone before the first client can see it.
+            let view = membership.view();
+            let ended = |h: &Home| view.incarnation(h.node, h.generation) == Incarnation::Ended;
+            node.topology.sweep("/", ended).await?;
+        }
         if node.storage.is_some() {
             tokio::spawn(refresh_topology(Arc::downgrade(&node)));
             tokio::spawn(watch_ownership(Arc::downgrade(&node)));
