@@ -95,6 +95,79 @@ pub struct NodeRegistry {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
 }
 
+/// A registry record as membership sees it: the lease and eviction rules of
+/// [`crate::protocol::ownership`] read and change only these fields, in either registry.
+pub trait MemberRecord {
+    /// Operator-facing node name.
+    fn name(&self) -> &str;
+    /// Raised at every process start, and by eviction.
+    fn generation(&self) -> Generation;
+    /// Raised at every lease renewal.
+    fn heartbeat(&self) -> u64;
+    /// Where the member stands.
+    fn state(&self) -> MemberState;
+    /// The generation, to change.
+    fn generation_mut(&mut self) -> &mut Generation;
+    /// The heartbeat, to change.
+    fn heartbeat_mut(&mut self) -> &mut u64;
+    /// The state, to change.
+    fn state_mut(&mut self) -> &mut MemberState;
+}
+
+/// A membership registry: one register holding every member record by node id.
+pub trait MemberRegistry {
+    /// The record of one member.
+    type Record: MemberRecord;
+    /// The register key it is stored under.
+    const KEY: &'static str;
+    /// The records by node id.
+    fn members(&self) -> &BTreeMap<NodeId, Self::Record>;
+    /// The records by node id, to change.
+    fn members_mut(&mut self) -> &mut BTreeMap<NodeId, Self::Record>;
+}
+
+macro_rules! member_registry {
+    ($registry:ty, $record:ty, $key:expr) => {
+        impl MemberRecord for $record {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn generation(&self) -> Generation {
+                self.generation
+            }
+            fn heartbeat(&self) -> u64 {
+                self.heartbeat
+            }
+            fn state(&self) -> MemberState {
+                self.state
+            }
+            fn generation_mut(&mut self) -> &mut Generation {
+                &mut self.generation
+            }
+            fn heartbeat_mut(&mut self) -> &mut u64 {
+                &mut self.heartbeat
+            }
+            fn state_mut(&mut self) -> &mut MemberState {
+                &mut self.state
+            }
+        }
+
+        impl MemberRegistry for $registry {
+            type Record = $record;
+            const KEY: &'static str = $key;
+            fn members(&self) -> &BTreeMap<NodeId, $record> {
+                &self.nodes
+            }
+            fn members_mut(&mut self) -> &mut BTreeMap<NodeId, $record> {
+                &mut self.nodes
+            }
+        }
+    };
+}
+
+member_registry!(NodeRegistry, NodeRecord, NODES_KEY);
+member_registry!(ComputeRegistry, ComputeRecord, COMPUTE_NODES_KEY);
+
 /// One segment of a log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentMeta {

@@ -6,10 +6,12 @@
 //! for the lease (judged on this node's monotonic clock alone, never by comparing clocks
 //! across nodes) is evicted by a compare-and-swap that checks the heartbeat is still the
 //! one seen, marks the member evicted and raises its generation, so storage refuses it.
+//! The rules (join, renew, lease observation, evict) are `warren_storage::protocol::ownership`'s,
+//! the ones its deterministic simulation checks; this module does the I/O around them.
 //! A node that finds itself evicted tells its listeners (which drop its clients and queue
 //! owners) and joins again with a fresh generation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -21,9 +23,10 @@ use tracing::{debug, error, info, warn};
 use warren_common::{Generation, NodeId};
 use warren_storage::StorageError;
 use warren_storage::meta::{
-    self, COMPUTE_NODES_KEY, ComputeRecord, ComputeRegistry, MemberState, NODES_KEY, NodeRecord,
-    NodeRegistry,
+    self, COMPUTE_NODES_KEY, ComputeRecord, ComputeRegistry, MemberRecord, MemberRegistry,
+    MemberState, NODES_KEY, NodeRecord, NodeRegistry,
 };
+use warren_storage::protocol::ownership::{self, Lapsed, LeaseObserver, Standing};
 
 use crate::config::ClusterConfig;
 use crate::error::AmqpError;
@@ -326,20 +329,7 @@ async fn register(
                     return cur.cloned();
                 }
             };
-            let generation = reg
-                .nodes
-                .get(&me)
-                .map_or(Generation(1), |r| Generation(r.generation.0 + 1));
-            reg.nodes.insert(
-                me,
-                ComputeRecord {
-                    generation,
-                    state: MemberState::Active,
-                    heartbeat: 0,
-                    ..record.clone()
-                },
-            );
-            outcome = Ok(generation);
+            outcome = Ok(ownership::join(&mut reg, me, record.clone()));
             Some(meta::encode(&reg))
         })
         .await?;
@@ -347,18 +337,13 @@ async fn register(
     Ok((generation, decode_compute(written.as_ref())?))
 }
 
-/// What a renewal found.
-enum Renewal {
-    /// Renewed; the registry as written.
-    Renewed(ComputeRegistry),
-    /// Our record is evicted (or gone): join again.
-    Evicted,
-    /// A newer process holds our identity.
-    Superseded(Generation),
-}
-
-async fn renew(meta: &Meta, me: NodeId, generation: Generation) -> Result<Renewal, StorageError> {
-    let mut outcome: Result<Option<Renewal>, StorageError> = Ok(None);
+/// Renew this node's lease: where it stands, and (while a member) the registry as written.
+async fn renew(
+    meta: &Meta,
+    me: NodeId,
+    generation: Generation,
+) -> Result<(Standing, ComputeRegistry), StorageError> {
+    let mut outcome: Result<Standing, StorageError> = Ok(Standing::Member);
     let written = meta
         .update(COMPUTE_NODES_KEY, |cur| {
             let mut reg = match decode_compute(cur) {
@@ -368,96 +353,43 @@ async fn renew(meta: &Meta, me: NodeId, generation: Generation) -> Result<Renewa
                     return cur.cloned();
                 }
             };
-            match reg.nodes.get_mut(&me) {
-                Some(r) if r.generation == generation && r.state == MemberState::Active => {
-                    r.heartbeat += 1;
-                    outcome = Ok(None);
-                    Some(meta::encode(&reg))
-                }
-                Some(r) if r.generation > generation && r.state != MemberState::Evicted => {
-                    outcome = Ok(Some(Renewal::Superseded(r.generation)));
-                    cur.cloned()
-                }
-                _ => {
-                    outcome = Ok(Some(Renewal::Evicted));
-                    cur.cloned()
-                }
+            let standing = ownership::renew(&mut reg, me, generation);
+            outcome = Ok(standing);
+            if standing == Standing::Member {
+                Some(meta::encode(&reg))
+            } else {
+                cur.cloned()
             }
         })
         .await?;
     match outcome? {
-        Some(r) => Ok(r),
-        None => Ok(Renewal::Renewed(decode_compute(written.as_ref())?)),
+        Standing::Member => Ok((Standing::Member, decode_compute(written.as_ref())?)),
+        other => Ok((other, ComputeRegistry::default())),
     }
 }
 
-/// When this node last saw a member's record change.
-struct Seen {
-    generation: Generation,
-    heartbeat: u64,
-    state: MemberState,
-    since: Instant,
-}
-
-/// Lease bookkeeping for one registry, on this node's monotonic clock.
-#[derive(Default)]
-struct Leases {
-    seen: HashMap<NodeId, Seen>,
-}
-
-impl Leases {
-    /// Note the member's current record; returns whether its lease lapsed (its record has
-    /// not changed for `lease`).
-    fn observe(
-        &mut self,
-        id: NodeId,
-        generation: Generation,
-        heartbeat: u64,
-        state: MemberState,
-        now: Instant,
-        lease: Duration,
-    ) -> bool {
-        let s = self.seen.entry(id).or_insert(Seen {
-            generation,
-            heartbeat,
-            state,
-            since: now,
-        });
-        if s.generation != generation || s.heartbeat != heartbeat || s.state != state {
-            *s = Seen {
-                generation,
-                heartbeat,
-                state,
-                since: now,
-            };
-        }
-        now.duration_since(s.since) >= lease
-    }
-
-    fn retain(&mut self, keep: impl Fn(&NodeId) -> bool) {
-        self.seen.retain(|id, _| keep(id));
-    }
+/// Milliseconds since `start` on this process's monotonic clock: what lease observers read.
+fn clock_ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The membership task: renew, watch, evict; join again after an eviction. Ends when the
 /// membership is dropped or left.
 async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
-    let Some(period) = inner
-        .upgrade()
-        .map(|i| Duration::from_millis(i.config.renew_ms.max(1)))
-    else {
+    let Some(config) = inner.upgrade().map(|i| i.config.clone()) else {
         return;
     };
+    let period = Duration::from_millis(config.renew_ms.max(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut compute = Leases::default();
-    let mut storage = Leases::default();
+    // The observers' clock: this process's monotonic time, never compared across nodes.
+    let start = Instant::now();
+    let mut compute = LeaseObserver::new(config.lease_ms);
+    let mut storage = LeaseObserver::new(config.storage_lease_ms);
     // Storage leases are long: reading their registry about ten times per lease is plenty,
     // and spares the register acceptors a round per compute node per tick.
-    let storage_every = inner.upgrade().map_or(1, |i| {
-        (i.config.storage_lease_ms / (10 * i.config.renew_ms.max(1))).max(1)
-    });
+    let storage_every = (config.storage_lease_ms / (10 * config.renew_ms.max(1))).max(1);
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
@@ -472,12 +404,12 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
         }
         let generation = Generation(inner.generation.load(Ordering::Acquire));
         let registry = match renew(&inner.meta, inner.me, generation).await {
-            Ok(Renewal::Renewed(r)) => r,
-            Ok(Renewal::Evicted) => {
+            Ok((Standing::Member, r)) => r,
+            Ok((Standing::Evicted, _)) => {
                 rejoin(&inner, generation).await;
                 continue;
             }
-            Ok(Renewal::Superseded(newer)) => {
+            Ok((Standing::Superseded(newer), _)) => {
                 error!(node = %inner.me, generation = generation.0, newer = newer.0,
                     "another process registered under this node's identity; this one stops serving");
                 inner.generation.store(0, Ordering::Release);
@@ -496,32 +428,20 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             return;
         }
-        let now = Instant::now();
-        let lease = Duration::from_millis(inner.config.lease_ms);
+        let now_ms = clock_ms(start);
         let mut view = ClusterView {
             me: inner.me,
             generation,
             ..ClusterView::default()
         };
-        let mut lapsed = Vec::new();
         view.ended = inner.view.borrow().ended.clone();
         for (id, r) in &registry.nodes {
             view.note_ended(*id, r);
-            let late = compute.observe(*id, r.generation, r.heartbeat, r.state, now, lease);
-            if r.state != MemberState::Active {
-                continue;
-            }
-            if *id == inner.me {
-                view.members.insert(*id, r.clone());
-            } else if late {
-                lapsed.push((*id, r.generation, r.heartbeat));
-            } else {
-                view.members.insert(*id, r.clone());
-            }
         }
-        compute.retain(|id| registry.nodes.contains_key(id));
-        for (id, generation, heartbeat) in lapsed {
-            evict_compute(&inner.meta, id, generation, heartbeat).await;
+        let observed = compute.observe(now_ms, inner.me, generation, &registry);
+        view.members = live_records(&registry, &observed.live);
+        for l in &observed.lapsed {
+            evict(&inner.meta, "compute", &registry, l).await;
         }
         let due = ticks.is_multiple_of(storage_every);
         ticks += 1;
@@ -536,29 +456,10 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
         };
         match read_storage {
             Ok(Ok(nodes)) => {
-                let storage_lease = Duration::from_millis(inner.config.storage_lease_ms);
-                let mut lapsed = Vec::new();
-                for (id, r) in &nodes.nodes {
-                    let late = storage.observe(
-                        *id,
-                        r.generation,
-                        r.heartbeat,
-                        r.state,
-                        now,
-                        storage_lease,
-                    );
-                    if r.state != MemberState::Active {
-                        continue;
-                    }
-                    if late {
-                        lapsed.push((*id, r.generation, r.heartbeat));
-                    } else {
-                        view.storage.insert(*id, r.clone());
-                    }
-                }
-                storage.retain(|id| nodes.nodes.contains_key(id));
-                for (id, generation, heartbeat) in lapsed {
-                    evict_storage(&inner.meta, id, generation, heartbeat).await;
+                let leases = storage.observe_others(now_ms, &nodes);
+                view.storage = live_records(&nodes, &leases.live);
+                for l in &leases.lapsed {
+                    evict(&inner.meta, "storage", &nodes, l).await;
                 }
             }
             Ok(Err(e)) => {
@@ -610,89 +511,57 @@ async fn rejoin(inner: &Inner, lost: Generation) {
     }
 }
 
-/// Evict a compute member if its record is still the one seen lapsing.
-async fn evict_compute(meta: &Meta, id: NodeId, generation: Generation, heartbeat: u64) {
-    let lapsing = Lapsing {
-        id,
-        generation,
-        heartbeat,
-    };
-    evict::<ComputeRegistry, _>(meta, COMPUTE_NODES_KEY, "compute", lapsing, |reg| {
-        reg.nodes
-            .get_mut(&id)
-            .map(|r| (&r.name, &mut r.state, &mut r.generation, r.heartbeat))
-    })
-    .await;
-}
-
-/// Evict a storage node if its record is still the one seen lapsing.
-async fn evict_storage(meta: &Meta, id: NodeId, generation: Generation, heartbeat: u64) {
-    let lapsing = Lapsing {
-        id,
-        generation,
-        heartbeat,
-    };
-    evict::<NodeRegistry, _>(meta, NODES_KEY, "storage", lapsing, |reg| {
-        reg.nodes
-            .get_mut(&id)
-            .map(|r| (&r.name, &mut r.state, &mut r.generation, r.heartbeat))
-    })
-    .await;
-}
-
-/// A member's record as an observer saw it lapse.
-#[derive(Clone, Copy)]
-struct Lapsing {
-    id: NodeId,
-    generation: Generation,
-    heartbeat: u64,
-}
-
-/// The fields of a registry record that eviction reads and changes: name, state,
-/// generation, heartbeat.
-type MemberFields<'a> = (&'a String, &'a mut MemberState, &'a mut Generation, u64);
-
-/// Mark a member Evicted with its generation raised, by CAS on the registry at `key`, but
-/// only if its record is still the one seen lapsing (same generation and heartbeat, still
-/// Active): a member that renewed or restarted meanwhile is left alone.
-async fn evict<Reg, F>(meta: &Meta, key: &str, role: &str, lapsing: Lapsing, member: F)
+/// The records of `live` members, as `registry` has them.
+fn live_records<R>(registry: &R, live: &BTreeSet<NodeId>) -> BTreeMap<NodeId, R::Record>
 where
-    Reg: Default + serde::Serialize + serde::de::DeserializeOwned,
-    F: for<'a> Fn(&'a mut Reg) -> Option<MemberFields<'a>> + Send + Sync,
+    R: MemberRegistry,
+    R::Record: Clone,
 {
-    let mut evicted = None;
+    registry
+        .members()
+        .iter()
+        .filter(|(id, _)| live.contains(id))
+        .map(|(id, r)| (*id, r.clone()))
+        .collect()
+}
+
+/// Evict a member of the registry `observed` was read from, by CAS on that registry
+/// ([`ownership::evict`]: only if its record is still the one seen lapsing, Active), so a
+/// member that renewed, restarted or started leaving meanwhile is left alone.
+async fn evict<R>(meta: &Meta, role: &str, observed: &R, lapsed: &Lapsed)
+where
+    R: MemberRegistry + Default + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = observed
+        .members()
+        .get(&lapsed.id)
+        .map(|r| r.name())
+        .unwrap_or_default();
+    let mut evicted = false;
     let result = meta
-        .update(key, |cur| {
-            evicted = None;
-            let mut reg: Reg = match cur {
+        .update(R::KEY, |cur| {
+            evicted = false;
+            let mut reg: R = match cur {
                 Some(b) => match meta::decode(b) {
                     Ok(r) => r,
                     Err(_) => return cur.cloned(),
                 },
-                None => Reg::default(),
+                None => R::default(),
             };
-            match member(&mut reg) {
-                Some((name, state, generation, heartbeat))
-                    if *generation == lapsing.generation
-                        && heartbeat == lapsing.heartbeat
-                        && *state == MemberState::Active =>
-                {
-                    *state = MemberState::Evicted;
-                    *generation = Generation(lapsing.generation.0 + 1);
-                    evicted = Some(name.clone());
-                }
-                _ => return cur.cloned(),
+            if !ownership::evict(&mut reg, lapsed) {
+                return cur.cloned();
             }
+            evicted = true;
             Some(meta::encode(&reg))
         })
         .await;
-    match (result, evicted) {
-        (Ok(_), Some(name)) => {
-            warn!(node = %lapsing.id, %name, role, generation = lapsing.generation.0, "evicted a node whose lease lapsed")
+    match result {
+        Ok(_) if evicted => {
+            warn!(node = %lapsed.id, %name, role, generation = lapsed.generation.0, "evicted a node whose lease lapsed")
         }
-        (Ok(_), None) => {}
-        (Err(e), _) => {
-            debug!(node = %lapsing.id, role, error = %e, "evicting a node failed; will retry")
+        Ok(_) => {}
+        Err(e) => {
+            debug!(node = %lapsed.id, role, error = %e, "evicting a node failed; will retry")
         }
     }
 }
@@ -713,26 +582,6 @@ pub async fn known_id(meta: &Meta, name: &str) -> Result<Option<NodeId>, Storage
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn a_lease_lapses_only_after_the_heartbeat_stood_still_for_the_lease() {
-        let mut leases = Leases::default();
-        let id = NodeId::random();
-        let lease = Duration::from_millis(500);
-        let g = Generation(1);
-        let t0 = Instant::now();
-        assert!(!leases.observe(id, g, 1, MemberState::Active, t0, lease));
-        let t1 = t0 + Duration::from_millis(400);
-        assert!(!leases.observe(id, g, 1, MemberState::Active, t1, lease));
-        // A renewal restarts the lease.
-        assert!(!leases.observe(id, g, 2, MemberState::Active, t1, lease));
-        let t2 = t1 + Duration::from_millis(499);
-        assert!(!leases.observe(id, g, 2, MemberState::Active, t2, lease));
-        let t3 = t1 + Duration::from_millis(500);
-        assert!(leases.observe(id, g, 2, MemberState::Active, t3, lease));
-        // A re-join (new generation, heartbeat back to 0) is a change too.
-        assert!(!leases.observe(id, Generation(3), 0, MemberState::Active, t3, lease));
-    }
 
     fn record(name: &str) -> ComputeRecord {
         ComputeRecord {

@@ -15,6 +15,7 @@ use crate::client::Registers;
 use crate::meta::{
     self, COMPUTE_NODES_KEY, ComputeRegistry, MemberState, NODES_KEY, NodeRecord, NodeRegistry,
 };
+use crate::protocol::ownership::{self, Standing};
 
 /// How often a storage node raises its heartbeat.
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(1);
@@ -111,19 +112,7 @@ async fn register(regs: &Registers, node_id: NodeId, record: &NodeRecord) -> Gen
                     Some(b) => meta::decode(b)?,
                     None => NodeRegistry::default(),
                 };
-                chosen = reg
-                    .nodes
-                    .get(&node_id)
-                    .map_or(Generation(1), |r| Generation(r.generation.0 + 1));
-                reg.nodes.insert(
-                    node_id,
-                    NodeRecord {
-                        generation: chosen,
-                        state: MemberState::Active,
-                        heartbeat: 0,
-                        ..record.clone()
-                    },
-                );
+                chosen = ownership::join(&mut reg, node_id, record.clone());
                 Ok::<_, StorageError>(Some(meta::encode(&reg)))
             })
             .await;
@@ -161,13 +150,16 @@ async fn renew_until_evicted(regs: &Registers, node_id: NodeId, generation: Gene
                     Some(b) => meta::decode(b).map_err(Lost::Corrupt)?,
                     None => NodeRegistry::default(),
                 };
-                let Some(rec) = reg.nodes.get_mut(&node_id) else {
-                    return Err(Lost::Evicted);
-                };
-                if rec.generation != generation || rec.state != MemberState::Active {
-                    return Err(Lost::Evicted);
+                match ownership::renew(&mut reg, node_id, generation) {
+                    Standing::Member
+                        if reg
+                            .nodes
+                            .get(&node_id)
+                            .is_some_and(|r| r.state == MemberState::Active) => {}
+                    // Leaving (nothing sets it for a storage node), evicted or superseded:
+                    // this generation is over.
+                    _ => return Err(Lost::Evicted),
                 }
-                rec.heartbeat += 1;
                 Ok(Some(meta::encode(&reg)))
             })
             .await;

@@ -1,14 +1,15 @@
 //! How a compute node decides it may own a queue (RFC 0004), as I/O-free rules: leases
 //! judged on the observer's own clock, the change functions applied by compare-and-swap to
-//! the compute registry and to a log's descriptor, rendezvous choice of the owner among live
-//! members, and the takeover sequence (raise the epoch, fence and recover the open segment,
-//! seal it and open a new one). The lease only decides who *tries* to own a queue; whether
-//! the old owner can still get appends acknowledged is decided by the storage nodes' fences.
+//! the membership registries (compute and storage nodes alike) and to a log's descriptor,
+//! rendezvous choice of the owner among live members, and the takeover sequence (raise the
+//! epoch, fence and recover the open segment, seal it and open a new one). The lease only
+//! decides who *tries* to own a queue; whether the old owner can still get appends
+//! acknowledged is decided by the storage nodes' fences.
 
 use std::collections::{BTreeMap, BTreeSet};
 use warren_common::{Epoch, Generation, NodeId, SegmentId};
 
-use crate::meta::{ComputeRecord, ComputeRegistry, LogMeta, MemberState, SegmentMeta};
+use crate::meta::{LogMeta, MemberRecord, MemberRegistry, MemberState, SegmentMeta};
 use crate::protocol::recovery::{
     EntryAnswer, FenceAnswer, Recovery, RecoveryAction, RecoveryFailure,
 };
@@ -34,7 +35,16 @@ pub struct Lapsed {
     pub heartbeat: u64,
 }
 
-/// One reading of the compute registry, judged on the observer's clock.
+/// The leases of a registry's other members, judged on the observer's clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leases {
+    /// Active members whose lease is current.
+    pub live: BTreeSet<NodeId>,
+    /// Members to evict.
+    pub lapsed: Vec<Lapsed>,
+}
+
+/// One reading of the registry the observer is a member of, judged on its clock.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observation {
     /// Active members whose lease is current, the observer included while it is Active at
@@ -60,13 +70,13 @@ pub enum Standing {
     Superseded(Generation),
 }
 
-fn standing(registry: &ComputeRegistry, id: NodeId, generation: Generation) -> Standing {
-    match registry.nodes.get(&id) {
-        Some(r) if r.generation == generation && r.state != MemberState::Evicted => {
+fn standing<R: MemberRegistry>(registry: &R, id: NodeId, generation: Generation) -> Standing {
+    match registry.members().get(&id) {
+        Some(r) if r.generation() == generation && r.state() != MemberState::Evicted => {
             Standing::Member
         }
-        Some(r) if r.generation > generation && r.state != MemberState::Evicted => {
-            Standing::Superseded(r.generation)
+        Some(r) if r.generation() > generation && r.state() != MemberState::Evicted => {
+            Standing::Superseded(r.generation())
         }
         _ => Standing::Evicted,
     }
@@ -74,7 +84,7 @@ fn standing(registry: &ComputeRegistry, id: NodeId, generation: Generation) -> S
 
 /// Judges other members' leases without comparing clocks across nodes: a member whose
 /// `(generation, heartbeat, state)` this observer has seen unchanged for `lease_ms` on its
-/// own monotonic clock has lapsed.
+/// own monotonic clock has lapsed. One observer watches one registry.
 #[derive(Clone, Debug)]
 pub struct LeaseObserver {
     lease_ms: u64,
@@ -91,50 +101,74 @@ impl LeaseObserver {
         }
     }
 
-    /// Judge a registry read. `now_ms` is the observer's monotonic clock when the read
-    /// returned; a stale read judged late can only make a member look lapsed, and
-    /// [`evict`] then finds its heartbeat moved and does nothing.
-    pub fn observe(
+    /// Judge a read of the registry the observer `me` belongs to at `my_generation`.
+    /// `now_ms` is the observer's monotonic clock when the read returned; a stale read
+    /// judged late can only make a member look lapsed, and [`evict`] then finds its
+    /// heartbeat moved and does nothing.
+    pub fn observe<R: MemberRegistry>(
         &mut self,
         now_ms: u64,
         me: NodeId,
         my_generation: Generation,
-        registry: &ComputeRegistry,
+        registry: &R,
     ) -> Observation {
-        let mut out = Observation {
-            standing: standing(registry, me, my_generation),
-            ..Observation::default()
-        };
-        self.seen.retain(|id, _| registry.nodes.contains_key(id));
-        for (id, rec) in &registry.nodes {
-            if *id == me {
-                if out.standing == Standing::Member && rec.state == MemberState::Active {
-                    out.live.insert(me);
-                }
+        let standing = standing(registry, me, my_generation);
+        let Leases { mut live, lapsed } = self.judge(now_ms, Some(me), registry);
+        if standing == Standing::Member
+            && registry
+                .members()
+                .get(&me)
+                .is_some_and(|r| r.state() == MemberState::Active)
+        {
+            live.insert(me);
+        }
+        Observation {
+            live,
+            lapsed,
+            standing,
+        }
+    }
+
+    /// Judge a read of a registry the observer does not belong to (a compute node watching
+    /// the storage nodes).
+    pub fn observe_others<R: MemberRegistry>(&mut self, now_ms: u64, registry: &R) -> Leases {
+        self.judge(now_ms, None, registry)
+    }
+
+    fn judge<R: MemberRegistry>(
+        &mut self,
+        now_ms: u64,
+        me: Option<NodeId>,
+        registry: &R,
+    ) -> Leases {
+        let mut out = Leases::default();
+        self.seen
+            .retain(|id, _| registry.members().contains_key(id));
+        for (id, rec) in registry.members() {
+            if Some(*id) == me {
                 continue;
             }
+            let (generation, heartbeat, state) = (rec.generation(), rec.heartbeat(), rec.state());
             let now = Seen {
-                generation: rec.generation,
-                heartbeat: rec.heartbeat,
-                state: rec.state,
+                generation,
+                heartbeat,
+                state,
                 since_ms: now_ms,
             };
             let seen = self.seen.entry(*id).or_insert(now);
-            if (seen.generation, seen.heartbeat, seen.state)
-                != (rec.generation, rec.heartbeat, rec.state)
-            {
+            if (seen.generation, seen.heartbeat, seen.state) != (generation, heartbeat, state) {
                 *seen = now;
             }
             // Only Active members own queues, and only they are evicted: a Leaving one
             // hands its queues off and removes itself.
-            if rec.state != MemberState::Active {
+            if state != MemberState::Active {
                 continue;
             }
             if now_ms.saturating_sub(seen.since_ms) >= self.lease_ms {
                 out.lapsed.push(Lapsed {
                     id: *id,
-                    generation: rec.generation,
-                    heartbeat: rec.heartbeat,
+                    generation,
+                    heartbeat,
                 });
             } else {
                 out.live.insert(*id);
@@ -145,41 +179,48 @@ impl LeaseObserver {
 }
 
 /// Registry change for a process start: a fresh generation above any this id ever had,
-/// state Active. Returns the generation the process must run with. Retrying after a timed
-/// out write only skips a generation.
-pub fn join(registry: &mut ComputeRegistry, id: NodeId, mut record: ComputeRecord) -> Generation {
-    let generation = Generation(registry.nodes.get(&id).map_or(1, |r| r.generation.0 + 1));
-    record.generation = generation;
-    record.state = MemberState::Active;
-    record.heartbeat = 0;
-    registry.nodes.insert(id, record);
+/// state Active, heartbeat 0. Returns the generation the process must run with. Retrying
+/// after a timed out write only skips a generation.
+pub fn join<R: MemberRegistry>(registry: &mut R, id: NodeId, mut record: R::Record) -> Generation {
+    let generation = Generation(
+        registry
+            .members()
+            .get(&id)
+            .map_or(1, |r| r.generation().0 + 1),
+    );
+    *record.generation_mut() = generation;
+    *record.state_mut() = MemberState::Active;
+    *record.heartbeat_mut() = 0;
+    registry.members_mut().insert(id, record);
     generation
 }
 
 /// Registry change for a lease renewal: raise the heartbeat if the member still runs at
-/// `generation`, Active, and say where it stands otherwise (then nothing changes).
-pub fn renew(registry: &mut ComputeRegistry, id: NodeId, generation: Generation) -> Standing {
-    match registry.nodes.get_mut(&id) {
-        Some(rec) if rec.generation == generation && rec.state == MemberState::Active => {
-            rec.heartbeat += 1;
+/// `generation`, Active, and say where it stands otherwise (then nothing changes; a
+/// Leaving member is still [`Standing::Member`] but renews nothing).
+pub fn renew<R: MemberRegistry>(registry: &mut R, id: NodeId, generation: Generation) -> Standing {
+    match registry.members_mut().get_mut(&id) {
+        Some(rec) if rec.generation() == generation && rec.state() == MemberState::Active => {
+            *rec.heartbeat_mut() += 1;
             Standing::Member
         }
         _ => standing(registry, id, generation),
     }
 }
 
-/// Registry change for an eviction: only if the member is still exactly as observed
-/// (a renewal or restart in between means its lease is current), mark it Evicted and raise
-/// its generation so storage refuses the old process. Returns whether it applied.
-pub fn evict(registry: &mut ComputeRegistry, lapsed: &Lapsed) -> bool {
-    match registry.nodes.get_mut(&lapsed.id) {
+/// Registry change for an eviction: only if the member is still Active exactly as
+/// observed (a renewal or restart in between means its lease is current; a Leaving member
+/// hands its queues off and removes itself), mark it Evicted and raise its generation so
+/// storage refuses the old process. Returns whether it applied.
+pub fn evict<R: MemberRegistry>(registry: &mut R, lapsed: &Lapsed) -> bool {
+    match registry.members_mut().get_mut(&lapsed.id) {
         Some(rec)
-            if rec.generation == lapsed.generation
-                && rec.heartbeat == lapsed.heartbeat
-                && rec.state != MemberState::Evicted =>
+            if rec.generation() == lapsed.generation
+                && rec.heartbeat() == lapsed.heartbeat
+                && rec.state() == MemberState::Active =>
         {
-            rec.state = MemberState::Evicted;
-            rec.generation = Generation(rec.generation.0 + 1);
+            *rec.state_mut() = MemberState::Evicted;
+            *rec.generation_mut() = Generation(lapsed.generation.0 + 1);
             true
         }
         _ => false,
@@ -536,6 +577,7 @@ impl Takeover {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::meta::{ComputeRecord, ComputeRegistry, NodeRecord, NodeRegistry};
     use warren_common::Zone;
 
     fn id(n: u128) -> NodeId {
@@ -595,6 +637,85 @@ mod tests {
         // A process stopped and replaced under the same id learns it is superseded.
         let gb3 = join(&mut reg, b, record());
         assert_eq!(renew(&mut reg, b, gb2), Standing::Superseded(gb3));
+    }
+
+    #[test]
+    fn a_lease_lapses_only_after_the_heartbeat_stood_still_for_the_lease() {
+        let mut reg = ComputeRegistry::default();
+        let (me, b) = (id(1), id(2));
+        let g = join(&mut reg, me, record());
+        let gb = join(&mut reg, b, record());
+        let mut obs = LeaseObserver::new(500);
+        assert!(obs.observe(0, me, g, &reg).live.contains(&b));
+        assert!(obs.observe(400, me, g, &reg).live.contains(&b));
+        // A renewal restarts the lease.
+        renew(&mut reg, b, gb);
+        assert!(obs.observe(400, me, g, &reg).live.contains(&b));
+        assert!(obs.observe(899, me, g, &reg).live.contains(&b));
+        let o = obs.observe(900, me, g, &reg);
+        assert_eq!(
+            o.lapsed,
+            vec![Lapsed {
+                id: b,
+                generation: gb,
+                heartbeat: 1
+            }]
+        );
+        assert_eq!(o.live, [me].into());
+        // A re-join (new generation, heartbeat back to 0) is a change too.
+        join(&mut reg, b, record());
+        assert!(obs.observe(900, me, g, &reg).live.contains(&b));
+        // Leaving: no longer live, never lapsed, and not evicted on an older observation.
+        let before = obs.observe(1_400, me, g, &reg).lapsed;
+        assert_eq!(before.len(), 1);
+        reg.nodes.get_mut(&b).unwrap().state = MemberState::Leaving;
+        let o = obs.observe(5_000, me, g, &reg);
+        assert!(o.lapsed.is_empty() && !o.live.contains(&b));
+        assert!(
+            !evict(&mut reg, &before[0]),
+            "a Leaving member is not evicted"
+        );
+        assert_eq!(reg.nodes[&b].state, MemberState::Leaving);
+        // Leaving at its own generation: still a member, but nothing is renewed.
+        assert_eq!(renew(&mut reg, me, g), Standing::Member);
+        reg.nodes.get_mut(&me).unwrap().state = MemberState::Leaving;
+        let hb = reg.nodes[&me].heartbeat;
+        assert_eq!(renew(&mut reg, me, g), Standing::Member);
+        assert_eq!(reg.nodes[&me].heartbeat, hb);
+        assert!(!obs.observe(5_000, me, g, &reg).live.contains(&me));
+    }
+
+    #[test]
+    fn the_same_rules_hold_for_the_storage_node_registry() {
+        let rec = NodeRecord {
+            name: "s".into(),
+            zone: Zone("a".into()),
+            data_addr: "127.0.0.1:1".parse().unwrap(),
+            control_addr: "127.0.0.1:2".parse().unwrap(),
+            generation: Generation(0),
+            state: MemberState::Evicted,
+            heartbeat: 9,
+        };
+        let mut reg = NodeRegistry::default();
+        let (s1, s2) = (id(1), id(2));
+        assert_eq!(join(&mut reg, s1, rec.clone()), Generation(1));
+        assert_eq!(join(&mut reg, s2, rec.clone()), Generation(1));
+        assert_eq!(
+            (reg.nodes[&s1].state, reg.nodes[&s1].heartbeat),
+            (MemberState::Active, 0)
+        );
+        // A compute node is in no storage registry: it only judges the others.
+        let mut obs = LeaseObserver::new(100);
+        assert_eq!(obs.observe_others(0, &reg).live, [s1, s2].into());
+        assert_eq!(renew(&mut reg, s1, Generation(1)), Standing::Member);
+        let l = obs.observe_others(100, &reg);
+        assert_eq!(l.live, [s1].into());
+        assert_eq!(l.lapsed.len(), 1);
+        assert!(evict(&mut reg, &l.lapsed[0]));
+        assert_eq!(reg.nodes[&s2].generation, Generation(2));
+        assert_eq!(renew(&mut reg, s2, Generation(1)), Standing::Evicted);
+        assert_eq!(join(&mut reg, s2, rec), Generation(3));
+        assert_eq!(renew(&mut reg, s2, Generation(3)), Standing::Member);
     }
 
     #[test]
