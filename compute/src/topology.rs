@@ -434,8 +434,7 @@ impl Topology {
     pub async fn load(&self, vhost: &str) -> Result<(), AmqpError> {
         let raw = self.meta.get(&register_key(vhost)).await?;
         let _guard = self.write.lock().await;
-        self.install(vhost, merge(vhost, raw.as_ref()));
-        self.remember(vhost, raw);
+        self.adopt(vhost, raw);
         Ok(())
     }
 
@@ -447,8 +446,7 @@ impl Topology {
         if stored_version(raw.as_ref()) <= stored_version(self.seen(vhost).as_ref()) {
             return Ok(());
         }
-        self.install(vhost, merge(vhost, raw.as_ref()));
-        self.remember(vhost, raw);
+        self.adopt(vhost, raw);
         Ok(())
     }
 
@@ -467,6 +465,14 @@ impl Topology {
             Err(p) => p.into_inner(),
         };
         map.get(vhost).cloned().flatten()
+    }
+
+    /// Route by the register value `raw` from now on; returns its version.
+    fn adopt(&self, vhost: &str, raw: Option<Bytes>) -> u64 {
+        let version = stored_version(raw.as_ref());
+        self.install(vhost, merge(vhost, raw.as_ref()));
+        self.remember(vhost, raw);
+        version
     }
 
     fn remember(&self, vhost: &str, raw: Option<Bytes>) {
@@ -561,9 +567,7 @@ impl Topology {
                     serde_json::to_vec(&stored).ok().map(Bytes::from)
                 })
                 .await?;
-            let version = stored_version(written.as_ref());
-            self.install(vhost, merge(vhost, written.as_ref()));
-            self.remember(vhost, written);
+            let version = self.adopt(vhost, written);
             if !stale {
                 return Ok((out, Some(version)));
             }
@@ -613,9 +617,7 @@ impl Topology {
                 serde_json::to_vec(&stored).ok().map(Bytes::from)
             })
             .await?;
-        let version = stored_version(written.as_ref());
-        self.install(vhost, merge(vhost, written.as_ref()));
-        self.remember(vhost, written);
+        let version = self.adopt(vhost, written);
         drop(guard);
         self.announce(vhost, swept.then_some(version)).await;
         Ok(())

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Storage, connect, converge, node_url, start_cluster_node};
+use common::{Storage, connect, converge, node_url, start_cluster_node, start_two_nodes};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -90,9 +90,7 @@ async fn owner_index(storage: &Storage, nodes: &[&ComputeNode], queue: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     let setup = connect(&node_url(&a)).await;
     let ch = setup.create_channel().await.unwrap();
@@ -165,9 +163,7 @@ async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_purge_and_delete_through_a_non_owner() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("jobs".into(), durable(), FieldTable::default())
@@ -227,9 +223,7 @@ async fn get_purge_and_delete_through_a_non_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_stops_and_another_node_redelivers_the_unacked() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("work".into(), durable(), FieldTable::default())
         .await
@@ -408,9 +402,7 @@ async fn idle_queues_move_to_a_joining_node_without_redelivered_flags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sending_garbage_loses_its_stream_and_nothing_else() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let view = a.node().membership.as_ref().unwrap().view();
     let peer_addr = view.members[&a.node().node_id].peer_addr;
     // A cluster member (it holds a cluster certificate) that speaks nonsense.
@@ -584,9 +576,7 @@ async fn a_queue_used_through_three_nodes_at_once_keeps_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_wide_prefetch_holds_for_a_remote_queue() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("limited".into(), durable(), FieldTable::default())
@@ -648,34 +638,42 @@ async fn channel_wide_prefetch_holds_for_a_remote_queue() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_reply_to_reaches_a_requester_on_another_node() {
-    let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+/// An RPC server consuming `queue` on node `server_node` and a requester on node
+/// `requester_node` consuming its direct reply-to name (no-ack), across two nodes.
+struct RpcAcrossNodes {
+    _server: lapin::Connection,
+    server: Channel,
+    requests: lapin::Consumer,
+    _requester: lapin::Connection,
+    requester: Channel,
+    replies: lapin::Consumer,
+}
 
-    // The RPC server, on node B, consumes the request queue.
-    let server = connect(&node_url(&b)).await;
-    let sch = server.create_channel().await.unwrap();
-    sch.queue_declare("rpc".into(), durable(), FieldTable::default())
+async fn rpc_across_nodes(
+    storage: &Storage,
+    requester_node: &ComputeNode,
+    server_node: &ComputeNode,
+    queue: &str,
+) -> RpcAcrossNodes {
+    let server_conn = connect(&node_url(server_node)).await;
+    let server = server_conn.create_channel().await.unwrap();
+    server
+        .queue_declare(queue.into(), durable(), FieldTable::default())
         .await
         .unwrap();
-    let mut requests = sch
+    let requests = server
         .basic_consume(
-            "rpc".into(),
+            queue.into(),
             "server".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap();
-    owner_index(&storage, &[&a, &b], "rpc").await;
-
-    // The requester, on node A, consumes its replies with no-ack.
-    let requester = connect(&node_url(&a)).await;
-    let rch = requester.create_channel().await.unwrap();
-    let mut replies = rch
+    owner_index(storage, &[requester_node, server_node], queue).await;
+    let requester_conn = connect(&node_url(requester_node)).await;
+    let requester = requester_conn.create_channel().await.unwrap();
+    let replies = requester
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
             "requester".into(),
@@ -687,6 +685,30 @@ async fn direct_reply_to_reaches_a_requester_on_another_node() {
         )
         .await
         .unwrap();
+    RpcAcrossNodes {
+        _server: server_conn,
+        server,
+        requests,
+        _requester: requester_conn,
+        requester,
+        replies,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_reaches_a_requester_on_another_node() {
+    let storage = Storage::start().await;
+    let (a, b) = start_two_nodes(&storage).await;
+
+    // The RPC server on node B; the requester on node A.
+    let RpcAcrossNodes {
+        _server: _server_conn,
+        server: sch,
+        mut requests,
+        _requester: _requester_conn,
+        requester: rch,
+        mut replies,
+    } = rpc_across_nodes(&storage, &a, &b, "rpc").await;
     for i in 0..3u32 {
         rch.basic_publish(
             "".into(),
@@ -770,9 +792,7 @@ async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delive
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owner() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("requalified".into(), durable(), FieldTable::default())
@@ -828,9 +848,7 @@ async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consumers_only() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
     ch.queue_declare("per-consumer".into(), durable(), FieldTable::default())
@@ -880,42 +898,17 @@ async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consum
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_replies_from_another_node_arrive_in_publish_order() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
 
-    // The RPC server, on node B.
-    let server = connect(&node_url(&b)).await;
-    let sch = server.create_channel().await.unwrap();
-    sch.queue_declare("rpc-stream".into(), durable(), FieldTable::default())
-        .await
-        .unwrap();
-    let mut requests = sch
-        .basic_consume(
-            "rpc-stream".into(),
-            "server".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    owner_index(&storage, &[&a, &b], "rpc-stream").await;
-
-    // The requester, on node A.
-    let requester = connect(&node_url(&a)).await;
-    let rch = requester.create_channel().await.unwrap();
-    let mut replies = rch
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "requester".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    // The RPC server on node B; the requester on node A.
+    let RpcAcrossNodes {
+        _server: _server_conn,
+        server: sch,
+        mut requests,
+        _requester: _requester_conn,
+        requester: rch,
+        mut replies,
+    } = rpc_across_nodes(&storage, &a, &b, "rpc-stream").await;
     rch.basic_publish(
         "".into(),
         "rpc-stream".into(),
@@ -953,9 +946,7 @@ async fn direct_replies_from_another_node_arrive_in_publish_order() {
 async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
     use warren_proto::internal::peer::{PeerRequest, WireMessage, encode_request};
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
 
     // A requester on node A; its reply name, read back from its request.
     let requester = connect(&node_url(&a)).await;
@@ -1066,9 +1057,7 @@ async fn a_reply_stream_delivers_in_order_and_closes_on_anything_but_replies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
     // One queue owned by node A and one by node B (ownership is by hashing).
     let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Storage, connect, converge, node_url, start_cluster_node};
+use common::{Storage, connect, node_url, start_two_nodes};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -92,9 +92,7 @@ async fn until_passive_declare_is(conn: &Connection, queue: &str, want: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_queue_and_exchange_declared_on_one_node_are_used_through_another() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let on_a = connect(&node_url(&a)).await;
     let on_b = connect(&node_url(&b)).await;
 
@@ -169,9 +167,7 @@ async fn a_transient_queue_and_exchange_declared_on_one_node_are_used_through_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exclusive_queue_is_locked_to_its_connection_on_every_node() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let owner = connect(&node_url(&a)).await;
     let on_b = connect(&node_url(&b)).await;
 
@@ -250,9 +246,7 @@ async fn an_exclusive_queue_is_locked_to_its_connection_on_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_entities_go_with_the_node_that_declared_them() {
     let storage = Storage::start().await;
-    let a = start_cluster_node(&storage, "compute-0").await;
-    let b = start_cluster_node(&storage, "compute-1").await;
-    converge(&[&a, &b]).await;
+    let (a, b) = start_two_nodes(&storage).await;
     let on_a = connect(&node_url(&a)).await;
     let ch = on_a.create_channel().await.unwrap();
     ch.queue_declare(

@@ -222,3 +222,11 @@ pub async fn connect(url: &str) -> lapin::Connection {
     .expect("connect timed out")
     .expect("connect")
 }
+
+/// Two compute nodes, compute-0 and compute-1, over `storage`, each seeing both as members.
+pub async fn start_two_nodes(storage: &Storage) -> (ComputeNode, ComputeNode) {
+    let a = start_cluster_node(storage, "compute-0").await;
+    let b = start_cluster_node(storage, "compute-1").await;
+    converge(&[&a, &b]).await;
+    (a, b)
+}
