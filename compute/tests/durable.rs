@@ -401,3 +401,107 @@ async fn two_compute_nodes_on_one_queue_lose_no_confirmed_message() {
     let missing: Vec<u32> = acked.difference(&got).copied().collect();
     assert!(missing.is_empty(), "confirmed but lost: {missing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_replayed_after_a_takeover_survives_the_next_owners_log_trims() {
+    let storage = Storage::start().await;
+    // The first owner stores one message.
+    let broker = Broker::start_with(&storage).await;
+    let conn = connect(&broker.url()).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("kept".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "kept".into(),
+        BasicPublishOptions::default(),
+        b"old",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap();
+    assert!(ch.wait_for_confirms().await.unwrap().is_empty());
+    drop(conn);
+    broker.stop().await;
+
+    // The next owner replays it, holds it unacked, and settles enough newer messages to trim
+    // its log: the old message's record, in a segment the previous owner wrote, must stay.
+    let broker = Broker::start_with(&storage).await;
+    let conn = connect(&broker.url()).await;
+    let holder = conn.create_channel().await.unwrap();
+    let old = holder
+        .basic_get("kept".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("the replayed message");
+    assert_eq!(old.delivery.data, b"old");
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "kept".into(),
+            "churn".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // More than the owner settles between two trims.
+    const CHURN: u32 = 9_000;
+    for i in 0..CHURN {
+        ch.basic_publish(
+            "".into(),
+            "kept".into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        timeout(STEP, ch.wait_for_confirms())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty()
+    );
+    for _ in 0..CHURN {
+        let d = timeout(STEP, consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // Settlements are written before the owner stops: a round trip through it.
+    let q = ch
+        .queue_declare("kept".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0);
+    drop(conn);
+    broker.stop().await;
+
+    // A third owner still has it.
+    let broker = Broker::start_with(&storage).await;
+    let conn = connect(&broker.url()).await;
+    let ch = conn.create_channel().await.unwrap();
+    let m = ch
+        .basic_get("kept".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the old message survived two takeovers and the trims between them");
+    assert_eq!(m.delivery.data, b"old");
+    assert!(m.delivery.redelivered);
+    broker.stop().await;
+}

@@ -881,6 +881,15 @@ impl Drop for WarrenDev {
                 self.root.path().display(),
                 self.log_tail(60)
             );
+            // The whole log, for a failure that only shows up now and then.
+            if let Some(dir) = std::env::var_os("WARREN_TEST_KEEP_LOGS") {
+                let name = self.root.path().file_name().unwrap_or_default().to_owned();
+                let to = Path::new(&dir).join(name).with_extension("log");
+                match std::fs::copy(self.log_path(), &to) {
+                    Ok(_) => eprintln!("the whole log is kept in {}", to.display()),
+                    Err(e) => eprintln!("could not keep the log in {}: {e}", to.display()),
+                }
+            }
         }
         if self.child.is_some() {
             let _ = self.kill_all_sigkill();

@@ -700,7 +700,11 @@ impl QueueEngine {
 
     /// Lowest position still live (ready or unacked), for trimming the log.
     pub fn lowest_live(&self) -> Option<Seq> {
-        let r = self.ready.front().map(|e| e.seq);
+        let r = match (self.ready.front(), self.ready.back()) {
+            (Some(f), Some(b)) if f.rank == b.rank => Some(f.seq),
+            // Several priorities: each in position order, the whole list not.
+            _ => self.ready.iter().map(|e| e.seq).min(),
+        };
         let u = self.unacked.keys().min().copied();
         match (r, u) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -964,6 +968,22 @@ mod tests {
             out.push(String::from_utf8(e.msg.body.to_vec()).unwrap());
         }
         out
+    }
+
+    #[test]
+    fn the_lowest_live_position_counts_every_priority() {
+        let mut q = QueueEngine::with_policy(QueuePolicy {
+            max_priority: Some(10),
+            ..Default::default()
+        });
+        let low = q.enqueue(msg("low"), true, 0);
+        q.enqueue(
+            msg_with("high", BasicProperties::default().with_priority(9)),
+            true,
+            0,
+        );
+        // "high" is served first, but "low" holds the oldest record.
+        assert_eq!(q.lowest_live(), Some(low));
     }
 
     #[test]

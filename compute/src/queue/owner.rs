@@ -626,9 +626,14 @@ impl<L: QueueLog> Owner<L> {
         while self.batches.len() >= 2 && self.batches[1].0 <= lowest {
             self.batches.pop_front();
         }
-        let Some(&(_, before)) = self.batches.front() else {
+        // A live message older than every batch this owner wrote (one it replayed after a
+        // takeover) has its record in a segment before all of them: nothing can go yet.
+        let Some(&(first, before)) = self.batches.front() else {
             return;
         };
+        if first > lowest {
+            return;
+        }
         if let Err(e) = self.log.trim(before).await {
             debug!(queue = %self.handle.0.name, error = %e, "log trim failed; will retry later");
         }
