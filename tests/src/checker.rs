@@ -235,6 +235,9 @@ pub struct Report {
     pub faults: Vec<FaultTiming>,
     /// A few confirmed-and-lost ids.
     pub lost_sample: Vec<String>,
+    /// For the same ids: where and when each was published and confirmed, to set against
+    /// the faults' times.
+    pub lost_detail: Vec<String>,
     /// A few unexplained duplicates and unexpected bodies.
     pub anomaly_sample: Vec<String>,
 }
@@ -365,6 +368,19 @@ pub fn classify(scenario: &str, history: &History) -> Report {
                     report
                         .lost_sample
                         .push(format!("{id} in {}", publish.queue));
+                    let url = history
+                        .sessions
+                        .get(publish.session)
+                        .map_or("?", |s| s.url.as_str());
+                    let confirmed_ms = match publish.outcome {
+                        Outcome::Confirmed(at) => ms(at),
+                        _ => 0,
+                    };
+                    report.lost_detail.push(format!(
+                        "{id}: published at {} ms on {url} (session {}), confirmed at {confirmed_ms} ms",
+                        ms(publish.at),
+                        publish.session
+                    ));
                 }
             }
             (false, true) => report.unconfirmed_delivered += 1,
