@@ -895,6 +895,8 @@ async fn drain_with_get(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 .await?
                 {
                     let delivery = msg.delivery;
+                    let index =
+                        record_delivery(shared, session, q, &delivery.data, delivery.redelivered);
                     let acked = op(
                         shared,
                         "basic.ack",
@@ -902,14 +904,7 @@ async fn drain_with_get(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     )
                     .await
                     .is_ok();
-                    record_delivery(
-                        shared,
-                        session,
-                        q,
-                        &delivery.data,
-                        delivery.redelivered,
-                        acked,
-                    );
+                    shared.history().deliveries[index].acked = acked;
                 }
             }
             let _ = timeout(shared.config.op_timeout, conn.close(200, "done".into())).await;
@@ -926,18 +921,19 @@ async fn drain_with_get(shared: &Arc<Shared>) -> anyhow::Result<()> {
     bail!("no URL could be drained")
 }
 
+/// Note a delivery, not acked yet; returns its index in the history.
 fn record_delivery(
     shared: &Shared,
     session: usize,
     queue: &str,
     body: &[u8],
     redelivered: bool,
-    acked: bool,
-) {
+) -> usize {
     let id = MsgId::parse(body);
     let at = shared.now();
     shared.touch();
-    shared.history().deliveries.push(DeliveryRecord {
+    let mut history = shared.history();
+    history.deliveries.push(DeliveryRecord {
         id,
         raw: id
             .is_none()
@@ -946,8 +942,9 @@ fn record_delivery(
         session,
         redelivered,
         at,
-        acked,
+        acked: false,
     });
+    history.deliveries.len() - 1
 }
 
 /// Reconnect with exponential backoff, starting at URL `client mod len`.
@@ -1208,20 +1205,26 @@ async fn consumer_session(
                     None => break anyhow::anyhow!("consumer on {queue} ended"),
                     Some(Err(e)) => break anyhow::Error::from(e).context("delivery"),
                     Some(Ok(delivery)) => {
+                        // Recorded before the ack is sent: when another consumer of this
+                        // session fails, this task is aborted, possibly with its ack already
+                        // written (the broker then settled the message), and the delivery
+                        // must still count as received.
+                        let index = record_delivery(
+                            &shared,
+                            session,
+                            &queue,
+                            &delivery.data,
+                            delivery.redelivered,
+                        );
                         let acked = timeout(
                             shared.config.op_timeout,
                             delivery.ack(BasicAckOptions::default()),
                         )
                         .await;
                         let ok = matches!(acked, Ok(Ok(_)));
-                        record_delivery(
-                            &shared,
-                            session,
-                            &queue,
-                            &delivery.data,
-                            delivery.redelivered,
-                            ok,
-                        );
+                        if ok {
+                            shared.history().deliveries[index].acked = true;
+                        }
                         if !ok {
                             break anyhow::anyhow!("basic.ack failed: {acked:?}");
                         }
