@@ -87,6 +87,29 @@ async fn owner_index(storage: &Storage, nodes: &[&ComputeNode], queue: &str) -> 
     (owner, (owner + 1) % nodes.len())
 }
 
+/// Declare durable `queue` through `nodes[0]`, publish `n` confirmed persistent messages to
+/// it through a node that does not own it, and return a connection to that node.
+async fn through_a_non_owner(
+    storage: &Storage,
+    nodes: &[&ComputeNode],
+    queue: &str,
+    n: u32,
+) -> lapin::Connection {
+    let ch = connect(&node_url(nodes[0]))
+        .await
+        .create_channel()
+        .await
+        .unwrap();
+    ch.queue_declare(queue.into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let (_, other) = owner_index(storage, nodes, queue).await;
+    let conn = connect(&node_url(nodes[other])).await;
+    let pch = conn.create_channel().await.unwrap();
+    publish_confirmed(&pch, queue, n).await;
+    conn
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_consume_through_a_node_that_does_not_own_the_queue() {
     let storage = Storage::start().await;
@@ -578,14 +601,8 @@ async fn channel_wide_prefetch_holds_for_a_remote_queue() {
     let storage = Storage::start().await;
     let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
-    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
-    ch.queue_declare("limited".into(), durable(), FieldTable::default())
-        .await
-        .unwrap();
-    let (_, other) = owner_index(&storage, &nodes, "limited").await;
-    let conn = connect(&node_url(nodes[other])).await;
+    let conn = through_a_non_owner(&storage, &nodes, "limited", 20).await;
     let pch = conn.create_channel().await.unwrap();
-    publish_confirmed(&pch, "limited", 20).await;
     let cch = conn.create_channel().await.unwrap();
     cch.basic_qos(5, BasicQosOptions { global: true })
         .await
@@ -794,14 +811,8 @@ async fn a_channel_wide_prefetch_changed_after_consuming_reaches_the_remote_owne
     let storage = Storage::start().await;
     let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
-    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
-    ch.queue_declare("requalified".into(), durable(), FieldTable::default())
-        .await
-        .unwrap();
-    let (_, other) = owner_index(&storage, &nodes, "requalified").await;
-    let conn = connect(&node_url(nodes[other])).await;
+    let conn = through_a_non_owner(&storage, &nodes, "requalified", 20).await;
     let pch = conn.create_channel().await.unwrap();
-    publish_confirmed(&pch, "requalified", 20).await;
     let cch = conn.create_channel().await.unwrap();
     let global = BasicQosOptions { global: true };
     cch.basic_qos(1, global).await.unwrap();
@@ -850,14 +861,8 @@ async fn a_per_consumer_prefetch_changed_after_consuming_applies_to_later_consum
     let storage = Storage::start().await;
     let (a, b) = start_two_nodes(&storage).await;
     let nodes = [&a, &b];
-    let ch = connect(&node_url(&a)).await.create_channel().await.unwrap();
-    ch.queue_declare("per-consumer".into(), durable(), FieldTable::default())
-        .await
-        .unwrap();
-    let (_, other) = owner_index(&storage, &nodes, "per-consumer").await;
-    let conn = connect(&node_url(nodes[other])).await;
+    let conn = through_a_non_owner(&storage, &nodes, "per-consumer", 20).await;
     let pch = conn.create_channel().await.unwrap();
-    publish_confirmed(&pch, "per-consumer", 20).await;
     let cch = conn.create_channel().await.unwrap();
     cch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
     let mut first = cch
