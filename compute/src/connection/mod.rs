@@ -32,6 +32,16 @@ const WRITE_HIGH_WATER: usize = 4 * 1024 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for the client to close the socket after connection.close-ok.
 const CLIENT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the client sent next during the handshake.
+enum HandshakeStep {
+    /// A connection-class method on channel 0.
+    Method(connection::AMQPMethod),
+    /// Any other frame: the handshake is refused.
+    Unexpected,
+    /// The client went away.
+    Closed,
+}
+
 /// RabbitMQ's handshake_timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events handled per wakeup before the socket gets another turn.
@@ -209,20 +219,13 @@ impl Conn {
         );
         flush_all(wr, &mut self.wbuf).await?;
 
-        let start_ok = match self.read_frame(rd).await? {
-            Some(Frame::Method {
-                channel: 0,
-                method: AMQPClass::Connection(connection::AMQPMethod::StartOk(s)),
-            }) => s,
-            Some(_) => {
-                return self
-                    .refuse(
-                        wr,
-                        AmqpError::command_invalid("expected connection.start-ok").on(10, 11),
-                    )
-                    .await;
+        let start_ok = match self.next_handshake_method(rd).await? {
+            HandshakeStep::Method(connection::AMQPMethod::StartOk(s)) => s,
+            HandshakeStep::Closed => return Ok(false),
+            _ => {
+                let e = AmqpError::command_invalid("expected connection.start-ok").on(10, 11);
+                return self.refuse(wr, e).await;
             }
-            None => return Ok(false),
         };
         self.caps = handshake::client_caps(&start_ok.client_properties);
         match handshake::authenticate(
@@ -271,22 +274,12 @@ impl Conn {
         );
         flush_all(wr, &mut self.wbuf).await?;
 
-        let tune_ok = loop {
-            match self.read_frame(rd).await? {
-                Some(Frame::Heartbeat) => continue,
-                Some(Frame::Method {
-                    channel: 0,
-                    method: AMQPClass::Connection(connection::AMQPMethod::TuneOk(t)),
-                }) => break t,
-                Some(_) => {
-                    return self
-                        .refuse(
-                            wr,
-                            AmqpError::command_invalid("expected connection.tune-ok").on(10, 31),
-                        )
-                        .await;
-                }
-                None => return Ok(false),
+        let tune_ok = match self.next_handshake_method(rd).await? {
+            HandshakeStep::Method(connection::AMQPMethod::TuneOk(t)) => t,
+            HandshakeStep::Closed => return Ok(false),
+            _ => {
+                let e = AmqpError::command_invalid("expected connection.tune-ok").on(10, 31);
+                return self.refuse(wr, e).await;
             }
         };
         let server_frame_max = limits.frame_max;
@@ -327,22 +320,12 @@ impl Conn {
         self.heartbeat = tune_ok.heartbeat;
         self.decoder.set_frame_max(self.frame_max);
 
-        let open = loop {
-            match self.read_frame(rd).await? {
-                Some(Frame::Heartbeat) => continue,
-                Some(Frame::Method {
-                    channel: 0,
-                    method: AMQPClass::Connection(connection::AMQPMethod::Open(o)),
-                }) => break o,
-                Some(_) => {
-                    return self
-                        .refuse(
-                            wr,
-                            AmqpError::command_invalid("expected connection.open").on(10, 40),
-                        )
-                        .await;
-                }
-                None => return Ok(false),
+        let open = match self.next_handshake_method(rd).await? {
+            HandshakeStep::Method(connection::AMQPMethod::Open(o)) => o,
+            HandshakeStep::Closed => return Ok(false),
+            _ => {
+                let e = AmqpError::command_invalid("expected connection.open").on(10, 40);
+                return self.refuse(wr, e).await;
             }
         };
         let vhost = open.virtual_host.as_str().to_string();
@@ -361,6 +344,24 @@ impl Conn {
         flush_all(wr, &mut self.wbuf).await?;
         self.last_read = Instant::now();
         Ok(true)
+    }
+
+    /// The next frame of the handshake, heartbeats skipped.
+    async fn next_handshake_method<R>(&mut self, rd: &mut R) -> Result<HandshakeStep, FrameOrIo>
+    where
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            return Ok(match self.read_frame(rd).await? {
+                Some(Frame::Heartbeat) => continue,
+                Some(Frame::Method {
+                    channel: 0,
+                    method: AMQPClass::Connection(m),
+                }) => HandshakeStep::Method(m),
+                Some(_) => HandshakeStep::Unexpected,
+                None => HandshakeStep::Closed,
+            });
+        }
     }
 
     /// Send connection.close during the handshake and wait briefly for close-ok.
