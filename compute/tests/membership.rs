@@ -57,10 +57,20 @@ fn registers(storage: &Storage) -> Registers {
     Registers::connect(&storage.seeds(), &storage.tls()).unwrap()
 }
 
+/// The compute registry as the test observes it. Members renew every 100 ms here, so on a
+/// loaded machine a read can lose every round to their writes: it is simply tried again.
 async fn registry(regs: &Registers) -> ComputeRegistry {
-    match regs.get(COMPUTE_NODES_KEY).await.unwrap() {
-        Some(b) => meta::decode(&b).unwrap(),
-        None => ComputeRegistry::default(),
+    let mut attempts = 0;
+    loop {
+        match regs.get(COMPUTE_NODES_KEY).await {
+            Ok(Some(b)) => return meta::decode(&b).unwrap(),
+            Ok(None) => return ComputeRegistry::default(),
+            Err(e) => {
+                attempts += 1;
+                assert!(attempts < 20, "the compute registry stayed unreadable: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 
