@@ -112,13 +112,9 @@ impl Node {
             shutdown: tokio::sync::watch::channel(false).0,
         });
         node.topology.load("/").await?;
-        if let Some(membership) = &node.membership {
-            // What this node's previous process (or any other ended one) declared as
-            // transient is gone before the first client can see it.
-            let view = membership.view();
-            let ended = |h: &Home| view.incarnation(h.node, h.generation) == Incarnation::Ended;
-            node.topology.sweep("/", ended).await?;
-        }
+        // What this node's previous process (or any other ended one) declared as transient
+        // is gone before the first client can see it.
+        node.sweep_ended("/").await?;
         if node.storage.is_some() {
             tokio::spawn(refresh_topology(Arc::downgrade(&node)));
             tokio::spawn(watch_ownership(Arc::downgrade(&node)));
@@ -155,6 +151,25 @@ impl Node {
             None if *home == self.home() => Incarnation::Live,
             None => Incarnation::Ended,
         }
+    }
+
+    /// Whether the process `home` is known to be gone for good.
+    pub fn has_ended(&self, home: &Home) -> bool {
+        self.incarnation(home) == Incarnation::Ended
+    }
+
+    /// Remove the transient entities of `vhost` whose home process ended, as this node's
+    /// membership view tells (nothing without a cluster: only this process runs).
+    async fn sweep_ended(&self, vhost: &str) -> Result<(), AmqpError> {
+        let Some(membership) = &self.membership else {
+            return Ok(());
+        };
+        let view = membership.view();
+        self.topology
+            .sweep(vhost, |h| {
+                view.incarnation(h.node, h.generation) == Incarnation::Ended
+            })
+            .await
     }
 
     /// Wait, at most two compute leases, until this node's view tells whether the process
@@ -945,18 +960,14 @@ async fn refresh_topology(node: Weak<Node>) {
         if *node.shutdown.borrow() {
             return;
         }
-        let view = node.membership.as_ref().map(|m| m.view());
         for vhost in node.topology.vhosts() {
             if let Err(e) = node.topology.refresh(&vhost).await {
                 tracing::debug!(vhost, error = %e, "topology refresh failed; will retry");
             }
             // Transient entities of processes that are gone go with them, whichever node
             // notices first.
-            if let Some(view) = &view {
-                let ended = |h: &Home| view.incarnation(h.node, h.generation) == Incarnation::Ended;
-                if let Err(e) = node.topology.sweep(&vhost, ended).await {
-                    tracing::debug!(vhost, error = %e, "removing transient entities of ended nodes failed; will retry");
-                }
+            if let Err(e) = node.sweep_ended(&vhost).await {
+                tracing::debug!(vhost, error = %e, "removing transient entities of ended nodes failed; will retry");
             }
         }
     }

@@ -53,11 +53,6 @@ pub struct QueueDef {
 }
 
 impl QueueDef {
-    /// Whether it lives only as long as its home process (non-durable or exclusive).
-    pub fn is_transient(&self) -> bool {
-        !self.durable || self.exclusive
-    }
-
     /// Whether connection `conn` of the process `home` may not use it: RabbitMQ's 405 for
     /// an exclusive queue of another connection.
     pub fn locked_for(&self, home: Home, conn: u64) -> bool {

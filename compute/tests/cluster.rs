@@ -9,7 +9,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Storage, connect, converge, node_url, start_cluster_node, start_two_nodes};
+use common::{
+    Storage, connect, converge, node_url, publish_confirmed, start_cluster_node, start_two_nodes,
+};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -37,30 +39,6 @@ async fn descriptor(storage: &Storage, node: &Arc<Node>, queue: &str) -> Option<
         .await
         .unwrap()?;
     serde_json::from_slice(&raw).ok()
-}
-
-async fn publish_confirmed(ch: &Channel, queue: &str, n: u32) {
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut confirms = Vec::new();
-    for i in 0..n {
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &i.to_be_bytes(),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    for c in confirms {
-        let c = timeout(STEP, c).await.expect("confirm timed out").unwrap();
-        assert!(c.is_ack(), "every publish is confirmed");
-    }
 }
 
 /// The owner of `queue` among `nodes` (by its descriptor), and the index of a non-owner,

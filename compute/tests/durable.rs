@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, Storage};
+use common::{Broker, Storage, publish_confirmed};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -440,9 +440,6 @@ async fn a_message_replayed_after_a_takeover_survives_the_next_owners_log_trims(
         .expect("the replayed message");
     assert_eq!(old.delivery.data, b"old");
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     ch.basic_qos(1000, BasicQosOptions::default())
         .await
         .unwrap();
@@ -457,24 +454,7 @@ async fn a_message_replayed_after_a_takeover_survives_the_next_owners_log_trims(
         .unwrap();
     // More than the owner settles between two trims.
     const CHURN: u32 = 9_000;
-    for i in 0..CHURN {
-        ch.basic_publish(
-            "".into(),
-            "kept".into(),
-            BasicPublishOptions::default(),
-            &i.to_be_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    }
-    assert!(
-        timeout(STEP, ch.wait_for_confirms())
-            .await
-            .unwrap()
-            .unwrap()
-            .is_empty()
-    );
+    publish_confirmed(&ch, "kept", CHURN).await;
     for _ in 0..CHURN {
         let d = timeout(STEP, consumer.next())
             .await

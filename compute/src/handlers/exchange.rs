@@ -3,7 +3,6 @@
 use amq_protocol::protocol::{AMQPClass, exchange};
 
 use super::{args_equivalent, rs};
-use crate::cluster::membership::Incarnation;
 use crate::connection::Conn;
 use crate::error::AmqpError;
 use crate::routing::{BindingDef, Destination, ExchangeDef, ExchangeKind, headers};
@@ -125,10 +124,7 @@ impl Conn {
                 .topology
                 .edit(&vhost, |e| {
                     if let Some(cur) = e.topo.exchanges.get(&name)
-                        && cur
-                            .def
-                            .home
-                            .is_some_and(|h| node.incarnation(&h) == Incarnation::Ended)
+                        && cur.def.home.is_some_and(|h| node.has_ended(&h))
                     {
                         // It went with the node that declared it: declare it afresh.
                         e.delete_exchange(&name);

@@ -175,14 +175,17 @@ impl Conn {
     /// to run or to be gone ([`crate::node::Node::settle`]), so that a client redeclaring a
     /// queue of a node that just failed gets a fresh queue, not a 405 or a wait on the dead.
     pub(crate) async fn settle_home_of(&self, name: &str) {
-        let home = self
-            .node
-            .topology
-            .snapshot(&self.vhost)
-            .and_then(|t| t.queues.get(name).and_then(|q| q.home));
-        if let Some(home) = home {
+        if let Some(home) = self.queue_home(name) {
             self.node.settle(&home).await;
         }
+    }
+
+    /// The home process of the transient queue `name` in this connection's vhost, if any.
+    pub(crate) fn queue_home(&self, name: &str) -> Option<crate::topology::Home> {
+        self.node
+            .topology
+            .snapshot(&self.vhost)
+            .and_then(|t| t.queues.get(name).and_then(|q| q.home))
     }
 
     /// RabbitMQ's 405 for an exclusive queue of another connection.

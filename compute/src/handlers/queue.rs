@@ -124,10 +124,7 @@ impl Conn {
         // waits until that node is known to be gone and then gets a fresh queue, rather
         // than an error from the dead owner.
         let foreign_home = self
-            .node
-            .topology
-            .snapshot(&self.vhost)
-            .and_then(|t| t.queues.get(retry.queue.as_str()).and_then(|q| q.home))
+            .queue_home(retry.queue.as_str())
             .filter(|h| *h != self.node.home());
         let failed_owner = matches!(e.code, ReplyCode::NotFound | ReplyCode::InternalError);
         match foreign_home {
@@ -180,9 +177,7 @@ impl Conn {
                 .topology
                 .edit(&vhost, |e| {
                     if let Some(cur) = e.topo.queues.get(&name)
-                        && cur
-                            .home
-                            .is_some_and(|h| node.incarnation(&h) == Incarnation::Ended)
+                        && cur.home.is_some_and(|h| node.has_ended(&h))
                     {
                         // Its node is gone, and so is it (RabbitMQ deletes the transient
                         // queues of a node that goes down): declare it afresh.

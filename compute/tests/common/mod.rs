@@ -230,3 +230,33 @@ pub async fn start_two_nodes(storage: &Storage) -> (ComputeNode, ComputeNode) {
     converge(&[&a, &b]).await;
     (a, b)
 }
+
+/// Put `ch` in confirm mode and publish `n` persistent messages (bodies 0, 1, ... as u32)
+/// to `queue` through the default exchange, each confirmed.
+pub async fn publish_confirmed(ch: &lapin::Channel, queue: &str, n: u32) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        let c = tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("confirm timed out")
+            .unwrap();
+        assert!(c.is_ack(), "every publish is confirmed");
+    }
+}
