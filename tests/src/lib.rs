@@ -794,7 +794,28 @@ impl WarrenDev {
         args
     }
 
+    /// Start `warren dev`; again, on new ports, when a port it picked was taken by another
+    /// process in the moment between its probe and the node's bind (tests run in parallel).
     fn spawn(&mut self) -> anyhow::Result<()> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            match self.spawn_once() {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && format!("{e:#}").contains("Address already in use") =>
+                {
+                    eprintln!(
+                        "harness: a port picked for the cluster was taken meanwhile; starting it again on new ports"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn spawn_once(&mut self) -> anyhow::Result<()> {
         let bin = warren_bin()?;
         self.amqp_port = free_port_range(self.opts.compute)?;
         self.http_port = free_port()?;
