@@ -354,6 +354,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 &tls[storage_count + args.compute],
             )?;
             wait_until_registered(&registers, &storage_data_addrs, &mut nodes).await?;
+            wait_until_acceptors_serve(&grpc_addrs, &tls[storage_count + args.compute], &mut nodes)
+                .await?;
             for addr in &amqp_addrs {
                 wait_until_accepting(*addr, &mut nodes).await?;
             }
@@ -471,6 +473,28 @@ async fn wait_until_registered(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Wait until the register acceptor of every storage node answers on its own (a new one
+/// first catches up from the others), so that the cluster is ready with every copy of its
+/// metadata: a fault from then on finds the redundancy it is meant to find.
+async fn wait_until_acceptors_serve(
+    acceptors: &[SocketAddr],
+    tls: &warren_common::config::TlsPaths,
+    nodes: &mut [Node],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    for addr in acceptors {
+        let alone = warren_storage::client::Registers::connect(&[*addr], tls)?;
+        while alone.get(warren_storage::meta::NODES_KEY).await.is_err() {
+            check_children(nodes)?;
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the register acceptor at {addr} did not catch up in time");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Wait until every compute node of this run is an active member (with the AMQP address it

@@ -906,7 +906,9 @@ impl Drop for WarrenDev {
             if let Some(dir) = std::env::var_os("WARREN_TEST_KEEP_LOGS") {
                 let name = self.root.path().file_name().unwrap_or_default().to_owned();
                 let to = Path::new(&dir).join(name).with_extension("log");
-                match std::fs::copy(self.log_path(), &to) {
+                let copied = std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::copy(self.log_path(), &to));
+                match copied {
                     Ok(_) => eprintln!("the whole log is kept in {}", to.display()),
                     Err(e) => eprintln!("could not keep the log in {}: {e}", to.display()),
                 }

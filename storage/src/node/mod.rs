@@ -22,14 +22,27 @@ use crate::client::Registers;
 use crate::config::StorageNodeConfig;
 use crate::meta::{self, NODES_KEY, NodeRecord, NodeRegistry};
 
+/// A storage node's identity, and whether this process created it.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    /// The node id, kept in the data directory.
+    pub id: NodeId,
+    /// Created by this process (the directory held no state): no earlier process ever ran
+    /// under this id, so every registry record carrying it was written by this one.
+    pub created: bool,
+}
+
 /// Read this node's identity from `dir`, or create one if the directory holds no state.
 /// A directory with a journal but no identity is refused: its promises belong to an
 /// identity that can no longer be proven.
-pub fn load_or_create_node_id(dir: &Path) -> Result<NodeId, StorageError> {
+pub fn load_or_create_identity(dir: &Path) -> Result<Identity, StorageError> {
     let path = dir.join("node_id");
     match std::fs::read_to_string(&path) {
         Ok(s) => uuid::Uuid::parse_str(s.trim())
-            .map(NodeId)
+            .map(|u| Identity {
+                id: NodeId(u),
+                created: false,
+            })
             .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let journal = std::fs::read_dir(dir)?
@@ -48,7 +61,7 @@ pub fn load_or_create_node_id(dir: &Path) -> Result<NodeId, StorageError> {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(dir)?.sync_all()?;
             tracing::info!(node = %id, "new storage node identity");
-            Ok(id)
+            Ok(Identity { id, created: true })
         }
         Err(e) => Err(e.into()),
     }
@@ -76,7 +89,7 @@ pub async fn run_with_control_listener(
     // tonic builds its server TLS config with the process default provider; make it ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&config.data_dir)?;
-    let node_id = load_or_create_node_id(&config.data_dir)?;
+    let identity = load_or_create_identity(&config.data_dir)?;
     let store = store::Store::open(&config.data_dir, config.max_batch_bytes)?;
     let acceptor = Arc::new(registers::AcceptorStore::open(&config.data_dir)?);
 
@@ -85,11 +98,11 @@ pub async fn run_with_control_listener(
     let control_addr = config
         .advertise_control_addr
         .unwrap_or(listener.local_addr()?);
-    let span = tracing::info_span!("storage", node = %node_id, name = %config.name);
+    let span = tracing::info_span!("storage", node = %identity.id, name = %config.name);
     serve(
         config,
         listener,
-        node_id,
+        identity,
         store,
         acceptor,
         endpoint,
@@ -105,7 +118,7 @@ pub async fn run_with_control_listener(
 async fn serve(
     config: StorageNodeConfig,
     listener: tokio::net::TcpListener,
-    node_id: NodeId,
+    identity: Identity,
     store: Arc<store::Store>,
     acceptor: Arc<registers::AcceptorStore>,
     endpoint: quinn::Endpoint,
@@ -114,6 +127,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StorageError> {
     tracing::info!(%data_addr, %control_addr, zone = %config.zone, "storage node listening");
+    let node_id = identity.id;
 
     let gate = Arc::new(membership::ComputeGate::default());
     let data_task = tokio::spawn(data_server::serve(
@@ -132,6 +146,7 @@ async fn serve(
             acceptor.clone(),
             config.seeds.clone(),
             control_addr,
+            identity,
             config.tls.clone(),
         )
         .in_current_span(),
@@ -191,11 +206,14 @@ async fn serve(
 /// each key. If a node registered with this control address before (the acceptor lost its
 /// state, as opposed to joining a new cluster), first wait out the accepts that proposers
 /// may still have in flight from before the loss (a proposer counts an answer only within
-/// [`crate::rpc::RPC_TIMEOUT`]), then read again.
+/// [`crate::rpc::RPC_TIMEOUT`]), then read again. This node's own registration, which
+/// other acceptors take while this one catches up, does not count as such an earlier
+/// node when this process created the identity it registered under.
 async fn catch_up(
     acceptor: Arc<registers::AcceptorStore>,
     seeds: Vec<SocketAddr>,
     me: SocketAddr,
+    identity: Identity,
     tls: warren_common::config::TlsPaths,
 ) {
     if acceptor.is_ready() {
@@ -227,14 +245,11 @@ async fn catch_up(
         }
         if dumps.len() >= needed {
             let merged = registers::merge_dumps(dumps);
-            // Proposers address acceptors by their seed address. If no node ever registered
-            // with ours, no acceptor here ever answered for it (registering is a node's
-            // first write): nothing can be in flight.
             let used_before = merged
                 .get(NODES_KEY)
                 .and_then(|s| s.value.as_ref())
                 .and_then(|v| meta::decode::<NodeRegistry>(v).ok())
-                .is_some_and(|r| r.nodes.values().any(|n| n.control_addr == me));
+                .is_some_and(|r| used_before(&r, me, identity));
             if !used_before || waited {
                 let a = acceptor.clone();
                 match tokio::task::spawn_blocking(move || a.install(merged)).await {
@@ -261,5 +276,63 @@ async fn catch_up(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether an earlier node served register acceptors at control address `me`, as far as
+/// `registry` tells. Proposers address acceptors by their seed address; if no earlier node
+/// ever registered with ours, no acceptor here ever answered for it (registering is a
+/// node's first write), so nothing can be in flight. A record under an identity this
+/// process created is this process's own registration, which went through the other
+/// acceptors (this one does not serve yet): it says nothing of an earlier node. Counting it
+/// would make a fresh node wait out in-flight accepts for nothing, leaving the cluster one
+/// acceptor short meanwhile, so that one more failure then would stop every register.
+fn used_before(registry: &NodeRegistry, me: SocketAddr, identity: Identity) -> bool {
+    registry
+        .nodes
+        .iter()
+        .any(|(id, n)| n.control_addr == me && !(identity.created && *id == identity.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_common::{Generation, Zone};
+
+    fn record(control: &str) -> NodeRecord {
+        NodeRecord {
+            name: "storage-0".into(),
+            zone: Zone("zone-a".into()),
+            data_addr: "127.0.0.1:1".parse().unwrap(),
+            control_addr: control.parse().unwrap(),
+            generation: Generation(1),
+            state: meta::MemberState::Active,
+            heartbeat: 0,
+        }
+    }
+
+    #[test]
+    fn a_fresh_nodes_own_registration_is_not_an_earlier_node() {
+        let me: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let id = NodeId::random();
+        let mut registry = NodeRegistry::default();
+        registry.nodes.insert(id, record("127.0.0.1:7000"));
+        registry
+            .nodes
+            .insert(NodeId::random(), record("127.0.0.1:7001"));
+        let fresh = Identity { id, created: true };
+        assert!(!used_before(&registry, me, fresh));
+        assert!(!used_before(&NodeRegistry::default(), me, fresh));
+
+        // The same record under an identity read from disk: an earlier process of this
+        // node registered it, and its acceptor may have answered.
+        let kept = Identity { id, created: false };
+        assert!(used_before(&registry, me, kept));
+
+        // Another identity at this address: a node whose disk was wiped.
+        registry
+            .nodes
+            .insert(NodeId::random(), record("127.0.0.1:7000"));
+        assert!(used_before(&registry, me, fresh));
     }
 }
