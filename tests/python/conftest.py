@@ -77,13 +77,26 @@ class WarrenDev:
     --zones Z``); ``urls`` then holds one URL per compute node, compute-0 first.
     """
 
+    # Starts tried when a port picked free was taken by another test before the node bound it.
+    START_ATTEMPTS = 3
+
     def __init__(self, compute=1, zones=3, extra_args=()):
         self.compute = compute
         self.zones = zones
-        self.root = tempfile.mkdtemp(prefix="warren-pytest-")
         self.bin = os.environ.get("WARREN_BIN", str(ROOT / "target" / "debug" / "warren"))
         if not os.path.exists(self.bin):
             raise RuntimeError(f"{self.bin} not found: run `cargo build -p warren` or set WARREN_BIN")
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                self._start(compute, zones, extra_args)
+                return
+            except RuntimeError as e:
+                if "Address already in use" not in str(e) or attempt == self.START_ATTEMPTS:
+                    raise
+                print(f"warren dev lost a port to another process; starting again ({e})")
+
+    def _start(self, compute, zones, extra_args):
+        self.root = tempfile.mkdtemp(prefix="warren-pytest-")
         self.log_path = os.path.join(self.root, "warren-dev.log")
         self.log = open(self.log_path, "ab")
         # The guard stops the cluster when our end of its stdin closes, even if this process
@@ -122,8 +135,10 @@ class WarrenDev:
                 line = None
             if line is None:
                 tail = self.log_tail()
+                port_taken = "Address already in use" in self.log_tail(n=None)
                 self.stop()
-                raise RuntimeError(f"warren dev printed no amqp:// URL; log tail:\n{tail}")
+                cause = " (Address already in use)" if port_taken else ""
+                raise RuntimeError(f"warren dev printed no amqp:// URL{cause}; log tail:\n{tail}")
             self.urls.append(normalize_url(line))
         self.url = self.urls[0]
 
@@ -163,9 +178,11 @@ class WarrenDev:
         raise RuntimeError(f"{name} (pid {pid}) did not die")
 
     def log_tail(self, n=40):
+        """The last ``n`` lines of the cluster's log (all of it with ``n=None``)."""
         try:
             with open(self.log_path, "rb") as f:
-                return "\n".join(f.read().decode(errors="replace").splitlines()[-n:])
+                lines = f.read().decode(errors="replace").splitlines()
+                return "\n".join(lines if n is None else lines[-n:])
         except OSError:
             return ""
 

@@ -391,6 +391,11 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
     // and spares the register acceptors a round per compute node per tick.
     let storage_every = (config.storage_lease_ms / (10 * config.renew_ms.max(1))).max(1);
     let mut ticks: u64 = 0;
+    // When the lease was last renewed, and whether a failing renewal was reported since:
+    // a node that cannot renew for a whole lease is about to be evicted, and sees no
+    // membership change meanwhile, which an operator must be able to tell from its log.
+    let mut renewed = Instant::now();
+    let mut reported = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -407,6 +412,7 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
             Ok((Standing::Member, r)) => r,
             Ok((Standing::Evicted, _)) => {
                 rejoin(&inner, generation).await;
+                renewed = Instant::now();
                 continue;
             }
             Ok((Standing::Superseded(newer), _)) => {
@@ -421,10 +427,25 @@ async fn keep(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
                 return;
             }
             Err(e) => {
-                debug!(error = %e, "lease renewal failed; will retry");
+                let failing = renewed.elapsed();
+                if !reported && failing >= Duration::from_millis(config.lease_ms) {
+                    warn!(error = %e, failing_ms = failing.as_millis() as u64,
+                        "lease renewal has failed for a whole lease; membership is frozen until the compute registry answers");
+                    reported = true;
+                } else {
+                    debug!(error = %e, "lease renewal failed; will retry");
+                }
                 continue;
             }
         };
+        if reported {
+            info!(
+                failed_ms = renewed.elapsed().as_millis() as u64,
+                "lease renewal works again"
+            );
+            reported = false;
+        }
+        renewed = Instant::now();
         if *stop.borrow() {
             return;
         }

@@ -94,10 +94,15 @@ pub fn endpoint(paths: &TlsPaths, addr: SocketAddr) -> Result<quinn::Endpoint, A
     Ok(endpoint)
 }
 
+/// The connection to one peer address, if one is open; locked while dialing.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
 /// This node's QUIC endpoint and its connections to other compute nodes (one per peer).
 pub struct Peers {
     endpoint: quinn::Endpoint,
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// One slot per peer address; dialing one peer (up to [`CONNECT_TIMEOUT`] for a dead
+    /// one) holds only that peer's slot, never the others'.
+    conns: std::sync::Mutex<HashMap<SocketAddr, PeerSlot>>,
     /// One ordered sender of direct replies per home node.
     pub(super) replies: ReplySenders,
 }
@@ -107,7 +112,7 @@ impl Peers {
     pub fn new(endpoint: quinn::Endpoint) -> Peers {
         Peers {
             endpoint,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: std::sync::Mutex::new(HashMap::new()),
             replies: ReplySenders::default(),
         }
     }
@@ -129,24 +134,30 @@ impl Peers {
     }
 
     async fn connection(&self, addr: SocketAddr, fresh: bool) -> Result<quinn::Connection, String> {
-        let mut conns = self.conns.lock().await;
+        let slot = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone();
+        let mut conn = slot.lock().await;
         if !fresh
-            && let Some(c) = conns.get(&addr)
+            && let Some(c) = conn.as_ref()
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
         }
-        conns.remove(&addr);
+        *conn = None;
         let connecting = self
             .endpoint
             .connect(addr, tls::CLUSTER_SERVER_NAME)
             .map_err(|e| format!("peer {addr}: {e}"))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let dialed = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("peer {addr}: connect timed out"))?
             .map_err(|e| format!("peer {addr}: {e}"))?;
-        conns.insert(addr, conn.clone());
-        Ok(conn)
+        Ok(conn.insert(dialed).clone())
     }
 
     pub(super) async fn open_stream(
