@@ -42,23 +42,34 @@ impl ChannelLimiter {
     }
 
     /// Take one unit of credit if available; remembers a refusal so releases can wake queues.
+    ///
+    /// A refusal and a [`ChannelLimiter::release`] may race (a queue's task and its
+    /// connection's). The refusal marks the limiter blocked *before* it reads the count
+    /// once more, and the release lowers the count before it clears the mark, all in one
+    /// total order (`SeqCst`): so either the refusal sees the lowered count and takes it, or
+    /// the release sees the mark and wakes the queue. Never neither.
     pub fn try_acquire(&self) -> bool {
         let limit = self.limit.load(Ordering::Acquire);
         if limit == 0 {
             self.unacked.fetch_add(1, Ordering::AcqRel);
             return true;
         }
-        let mut cur = self.unacked.load(Ordering::Acquire);
+        let mut cur = self.unacked.load(Ordering::SeqCst);
         loop {
             if cur >= limit {
-                self.blocked.store(true, Ordering::Release);
+                self.blocked.store(true, Ordering::SeqCst);
+                cur = self.unacked.load(Ordering::SeqCst);
+                if cur < limit {
+                    // Released meanwhile: try again (the mark may cause one spare wake-up).
+                    continue;
+                }
                 return false;
             }
             match self.unacked.compare_exchange_weak(
                 cur,
                 cur + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
@@ -79,10 +90,10 @@ impl ChannelLimiter {
         }
         let _ = self
             .unacked
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
                 Some(c.saturating_sub(n))
             });
-        self.blocked.swap(false, Ordering::AcqRel)
+        self.blocked.swap(false, Ordering::SeqCst)
     }
 
     /// The limit (0 = none).
@@ -717,6 +728,50 @@ impl QueueEngine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A queue refused credit either sees a release that races with it, or is woken by it:
+    /// never neither (a lost wake-up left a consumer idle with its channel's credit free).
+    #[test]
+    fn a_release_racing_a_refusal_never_loses_the_wake_up() {
+        use std::sync::atomic::AtomicUsize;
+        const ROUNDS: usize = 200_000;
+        let limiter = Arc::new(ChannelLimiter::default());
+        limiter.set_limit(1);
+        // Round r starts when `round` is 2r+1 (the queue side goes) and the release side
+        // follows at once; each side spins, so the two calls overlap as closely as they can.
+        let round = Arc::new(AtomicUsize::new(0));
+        let queue = {
+            let (l, round) = (limiter.clone(), round.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::with_capacity(ROUNDS);
+                for r in 0..ROUNDS {
+                    while round.load(Ordering::Acquire) != 2 * r + 1 {
+                        std::hint::spin_loop();
+                    }
+                    outcomes.push(l.try_acquire());
+                    round.store(2 * r + 2, Ordering::Release);
+                }
+                outcomes
+            })
+        };
+        let mut woken = Vec::with_capacity(ROUNDS);
+        for r in 0..ROUNDS {
+            // One unit taken, nobody blocked: the state in which a refusal and a release race.
+            limiter.unacked.store(1, Ordering::SeqCst);
+            limiter.blocked.store(false, Ordering::SeqCst);
+            round.store(2 * r + 1, Ordering::Release);
+            woken.push(limiter.release(1));
+            while round.load(Ordering::Acquire) != 2 * r + 2 {
+                std::hint::spin_loop();
+            }
+        }
+        let acquired = queue.join().unwrap();
+        let lost = (0..ROUNDS).filter(|&r| !acquired[r] && !woken[r]).count();
+        assert_eq!(
+            lost, 0,
+            "refused, and the release woke nobody, in {lost} of {ROUNDS} rounds"
+        );
+    }
     use amq_protocol::protocol::BasicProperties;
     use bytes::Bytes;
 
