@@ -1095,7 +1095,12 @@ async fn a_channel_wide_prefetch_counts_remote_deliveries_against_local_queues()
         5,
         "nothing beyond the channel's limit"
     );
-    // Acking the remote deliveries gives the channel its credit back, here too.
+    // Acking the remote deliveries gives the channel its credit back, here too. The remote
+    // consumer goes first: otherwise the remote queue may take the credit back first (it
+    // has messages too), which the shared limit allows.
+    cch.basic_cancel("r".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
     for d in held {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
