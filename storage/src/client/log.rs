@@ -16,11 +16,10 @@ use super::transport::{Conn, ReplyTo};
 use super::{ClientInner, LogEntry, LogPosition};
 use crate::StorageError;
 use crate::meta::{self, LogMeta, SegmentMeta};
+use crate::protocol::ownership::{self, Seal, Takeover, TakeoverAction, TakeoverFailure};
 use crate::protocol::placement::{choose_ensemble, choose_replacement};
 use crate::protocol::quorum::{AppendQuorum, SendEntry};
-use crate::protocol::recovery::{
-    EntryAnswer, FenceAnswer, Recovery, RecoveryAction, RecoveryFailure,
-};
+use crate::protocol::recovery::{EntryAnswer, FenceAnswer, RecoveryAction};
 
 /// Takeover attempts before `acquire_log` gives up with a retryable error.
 const ACQUIRE_ATTEMPTS: usize = 8;
@@ -51,6 +50,9 @@ pub(crate) async fn acquire(
     }
 }
 
+/// One takeover, driving [`Takeover`] (the state machine the ownership simulation checks):
+/// this does its I/O, the descriptor CASes and the fence, read and write requests to the
+/// open segment's members, and feeds the answers back.
 async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter, StorageError> {
     client.refresh_registry().await?;
     let repl = client.config.replication;
@@ -68,34 +70,118 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
     }
     let key = meta::log_key(log);
     let me = client.config.node_id;
-    // Step 1: raise the epoch. From here on no descriptor change by an older writer lands.
-    let written = client
-        .registers
-        .update(&key, |cur| {
-            let mut m = decode_meta(cur)?.unwrap_or_default();
-            if m.deleted {
+    let (mut takeover, mut actions) = Takeover::start();
+    // Answers of the open segment's members, for the recovery steps.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The segment that was open when the epoch was raised (the one recovered).
+    let mut open: Option<SegmentMeta> = None;
+    // The descriptor as the seal-and-open CAS wrote it, and the segment it sealed.
+    let mut opened: Option<(LogMeta, Option<(SegmentMeta, Seal)>)> = None;
+    loop {
+        for action in std::mem::take(&mut actions) {
+            actions.extend(match action {
+                // Step 1: raise the epoch. From here on no descriptor change by an older
+                // writer lands.
+                TakeoverAction::RaiseEpoch => {
+                    let written = client
+                        .registers
+                        .update(&key, |cur| {
+                            let mut m = decode_meta(cur)?.unwrap_or_default();
+                            ownership::raise_epoch(&mut m, me).map_err(|_| {
+                                StorageError::NotFound(format!("log {log} was deleted"))
+                            })?;
+                            Ok::<_, StorageError>(Some(meta::encode(&m)))
+                        })
+                        .await??;
+                    let m = decode_meta(written.as_ref())?
+                        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
+                    let next = takeover.on_raised(Ok(m));
+                    open = takeover.open_segment().cloned();
+                    next
+                }
+                // Steps 2-4: fence and recover the open segment.
+                TakeoverAction::Recover(action) => {
+                    let (Some(segment), Some(epoch)) = (takeover.open_segment(), takeover.epoch())
+                    else {
+                        continue;
+                    };
+                    send_recovery(client, segment, epoch, action, &tx);
+                    Vec::new()
+                }
+                // Step 5: seal it and open ours, in one CAS conditional on our epoch.
+                TakeoverAction::SealAndOpen { epoch, seal } => {
+                    if let Some(seal) = seal {
+                        tracing::info!(%log, %epoch, segment = %seal.segment, end = seal.end,
+                            degraded = seal.under_replicated, "recovered open segment");
+                    }
+                    let sealed = open.take().zip(seal);
+                    let m = seal_and_open(client, log, epoch, seal).await?;
+                    opened = Some((m, sealed));
+                    takeover.on_opened(Ok(()))
+                }
+            });
+        }
+        match takeover.outcome() {
+            Some(Ok(_)) => break,
+            Some(Err(TakeoverFailure::Superseded(e))) => {
+                return Err(StorageError::Fenced(format!(
+                    "log {log}: an open segment was fenced at epoch {e} by a newer writer"
+                )));
+            }
+            Some(Err(TakeoverFailure::Unavailable)) => {
+                return Err(StorageError::Unavailable(format!(
+                    "log {log}: too few members of the open segment answered recovery"
+                )));
+            }
+            Some(Err(TakeoverFailure::Deleted)) => {
                 return Err(StorageError::NotFound(format!("log {log} was deleted")));
             }
-            m.epoch = m.epoch.next();
-            m.owner = Some(me);
-            Ok(Some(meta::encode(&m)))
-        })
-        .await??;
-    let m = decode_meta(written.as_ref())?
-        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
-    let epoch = m.epoch;
-
-    // Steps 2-4: fence and recover the open segment, if any.
-    let mut sealed = None;
-    if let Some(last) = m.segments.last()
-        && last.end.is_none()
-    {
-        let (end, degraded) = recover(client, last, epoch).await?;
-        tracing::info!(%log, %epoch, segment = %last.id, end, degraded, "recovered open segment");
-        sealed = Some((last.clone(), end, degraded));
+            None => {}
+        }
+        if actions.is_empty() {
+            let Some((action, result)) = rx.recv().await else {
+                return Err(StorageError::Unavailable(
+                    "recovery lost its replies".into(),
+                ));
+            };
+            actions = feed_recovery(&mut takeover, action, result);
+        }
     }
+    let Some((m, sealed)) = opened else {
+        return Err(StorageError::Corrupt(
+            "takeover ended without a segment".into(),
+        ));
+    };
+    if let Some((s, seal)) = sealed {
+        // Metadata is the truth; telling the nodes only lets them refuse stragglers early.
+        let client = client.clone();
+        tokio::spawn(async move {
+            let req = if seal.end == 0 {
+                Request::Delete { segment: s.id.0 }
+            } else {
+                Request::Seal {
+                    segment: s.id.0,
+                    end: seal.end,
+                }
+            };
+            for node in s.ensemble {
+                let _ = client.node_request(node, req.clone()).await;
+            }
+        });
+    }
+    LogWriter::open(client.clone(), log, m).await
+}
 
-    // Step 5: seal it and open ours, in one CAS conditional on our epoch.
+/// Takeover step 5: choose a fresh ensemble, and in one CAS conditional on `epoch` seal the
+/// recovered segment (or drop it when empty) and open the new one. Returns the descriptor
+/// as written.
+async fn seal_and_open(
+    client: &Arc<ClientInner>,
+    log: LogId,
+    epoch: Epoch,
+    seal: Option<Seal>,
+) -> Result<LogMeta, StorageError> {
+    let repl = client.config.replication;
     let id = SegmentId(rand::random());
     let ensemble = choose_ensemble(
         &client.candidates(),
@@ -121,169 +207,117 @@ async fn try_acquire(client: &Arc<ClientInner>, log: LogId) -> Result<LogWriter,
     };
     let written = client
         .registers
-        .update(&key, |cur| {
+        .update(&meta::log_key(log), |cur| {
             let mut m = decode_meta(cur)?
                 .ok_or_else(|| StorageError::Fenced(format!("log {log} was deleted")))?;
-            if m.epoch != epoch || m.deleted {
-                return Err(StorageError::Fenced(format!(
-                    "log {log} taken over at {} during our takeover at {epoch}",
-                    m.epoch
-                )));
-            }
-            if let Some((s, end, degraded)) = &sealed
-                && let Some(last) = m.segments.last_mut()
-                && last.id == s.id
-            {
-                if *end == 0 {
-                    // An empty segment holds no position anyone was given: drop it, so
-                    // owners that restart without writing do not grow the segment list.
-                    m.segments.pop();
-                } else {
-                    last.end.get_or_insert(*end);
-                    last.under_replicated |= *degraded;
-                }
-            }
-            m.segments.push(segment.clone());
-            Ok(Some(meta::encode(&m)))
+            ownership::seal_and_open(&mut m, epoch, seal, segment.clone()).map_err(|f| {
+                StorageError::Fenced(match f {
+                    TakeoverFailure::Superseded(now) => {
+                        format!("log {log} taken over at {now} during our takeover at {epoch}")
+                    }
+                    _ => format!("log {log} was deleted"),
+                })
+            })?;
+            Ok::<_, StorageError>(Some(meta::encode(&m)))
         })
         .await??;
-    let m = decode_meta(written.as_ref())?
-        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))?;
-    if let Some((s, end, _)) = sealed {
-        // Metadata is the truth; telling the nodes only lets them refuse stragglers early.
-        let client = client.clone();
-        tokio::spawn(async move {
-            let req = if end == 0 {
-                Request::Delete { segment: s.id.0 }
-            } else {
-                Request::Seal {
-                    segment: s.id.0,
-                    end,
-                }
-            };
-            for node in s.ensemble {
-                let _ = client.node_request(node, req.clone()).await;
-            }
-        });
-    }
-    LogWriter::open(client.clone(), log, m).await
+    decode_meta(written.as_ref())?
+        .ok_or_else(|| StorageError::Corrupt("log descriptor vanished".into()))
 }
 
-/// Drive [`Recovery`] for `segment` at `epoch`; returns the end to seal it at, and whether
-/// some member may lack entries below it.
-async fn recover(
+/// Send one recovery step to its member of `segment`; the answer comes back on `tx`.
+fn send_recovery(
     client: &Arc<ClientInner>,
     segment: &SegmentMeta,
     epoch: Epoch,
-) -> Result<(u64, bool), StorageError> {
-    let members = segment.ensemble.clone();
-    let (mut rec, actions) =
-        Recovery::start(members.len(), segment.ack_quorum.min(members.len()).max(1));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let issue = |actions: Vec<RecoveryAction>| {
-        for action in actions {
-            let (member, req) = match &action {
-                RecoveryAction::Fence { member } => (
-                    *member,
-                    Request::Fence {
-                        segment: segment.id.0,
-                        epoch: epoch.0,
-                    },
-                ),
-                RecoveryAction::Read { member, entry } => (
-                    *member,
-                    Request::Read {
-                        segment: segment.id.0,
-                        from: *entry,
-                        max_entries: 1,
-                        max_bytes: READ_MAX_BYTES,
-                    },
-                ),
-                RecoveryAction::Write {
-                    member,
-                    entry,
-                    payload,
-                } => (
-                    *member,
-                    Request::Append {
-                        segment: segment.id.0,
-                        epoch: epoch.0,
-                        entry: *entry,
-                        lac: None,
-                        payload: payload.clone(),
-                    },
-                ),
-            };
-            let node = members[member];
-            let client = client.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let r = client.node_request(node, req).await;
-                let _ = tx.send((action, r));
-            });
-        }
+    action: RecoveryAction,
+    tx: &mpsc::UnboundedSender<(RecoveryAction, Result<Response, StorageError>)>,
+) {
+    let (member, req) = match &action {
+        RecoveryAction::Fence { member } => (
+            *member,
+            Request::Fence {
+                segment: segment.id.0,
+                epoch: epoch.0,
+            },
+        ),
+        RecoveryAction::Read { member, entry } => (
+            *member,
+            Request::Read {
+                segment: segment.id.0,
+                from: *entry,
+                max_entries: 1,
+                max_bytes: READ_MAX_BYTES,
+            },
+        ),
+        RecoveryAction::Write {
+            member,
+            entry,
+            payload,
+        } => (
+            *member,
+            Request::Append {
+                segment: segment.id.0,
+                epoch: epoch.0,
+                entry: *entry,
+                lac: None,
+                payload: payload.clone(),
+            },
+        ),
     };
-    issue(actions);
-    loop {
-        match rec.outcome() {
-            Some(Ok(end)) => return Ok((end, !rec.all_members_reached(end))),
-            Some(Err(RecoveryFailure::Superseded(e))) => {
-                return Err(StorageError::Fenced(format!(
-                    "segment {} fenced at epoch {e} by a newer writer",
-                    segment.id
-                )));
-            }
-            Some(Err(RecoveryFailure::Unavailable)) => {
-                return Err(StorageError::Unavailable(format!(
-                    "too few members of segment {} answered recovery",
-                    segment.id
-                )));
-            }
-            None => {}
+    let Some(&node) = segment.ensemble.get(member) else {
+        return;
+    };
+    let client = client.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let r = client.node_request(node, req).await;
+        let _ = tx.send((action, r));
+    });
+}
+
+/// Feed a member's answer to a recovery step to the takeover.
+fn feed_recovery(
+    takeover: &mut Takeover,
+    action: RecoveryAction,
+    result: Result<Response, StorageError>,
+) -> Vec<TakeoverAction> {
+    match action {
+        RecoveryAction::Fence { member } => {
+            let answer = match result {
+                Ok(Response::FenceOk {
+                    last_entry,
+                    lac,
+                    end,
+                }) => FenceAnswer::Fenced {
+                    last_entry,
+                    lac,
+                    end,
+                },
+                Ok(Response::Fenced { epoch }) => FenceAnswer::Superseded(epoch),
+                _ => FenceAnswer::Failed,
+            };
+            takeover.on_fence(member, answer)
         }
-        let Some((action, result)) = rx.recv().await else {
-            return Err(StorageError::Unavailable(
-                "recovery lost its replies".into(),
-            ));
-        };
-        let next = match action {
-            RecoveryAction::Fence { member } => {
-                let answer = match result {
-                    Ok(Response::FenceOk {
-                        last_entry,
-                        lac,
-                        end,
-                    }) => FenceAnswer::Fenced {
-                        last_entry,
-                        lac,
-                        end,
-                    },
-                    Ok(Response::Fenced { epoch }) => FenceAnswer::Superseded(epoch),
-                    _ => FenceAnswer::Failed,
-                };
-                rec.on_fence(member, answer)
-            }
-            RecoveryAction::Read { member, entry } => {
-                let answer = match result {
-                    Ok(Response::Entries { entries, .. }) => entries
-                        .into_iter()
-                        .find(|e| e.entry == entry)
-                        .map_or(EntryAnswer::Absent, |e| EntryAnswer::Ok(Some(e.payload))),
-                    Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
-                    _ => EntryAnswer::Failed,
-                };
-                rec.on_read(member, entry, answer)
-            }
-            RecoveryAction::Write { member, entry, .. } => {
-                let answer = match result {
-                    Ok(Response::Ok) => EntryAnswer::Ok(None),
-                    Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
-                    _ => EntryAnswer::Failed,
-                };
-                rec.on_write(member, entry, answer)
-            }
-        };
-        issue(next);
+        RecoveryAction::Read { member, entry } => {
+            let answer = match result {
+                Ok(Response::Entries { entries, .. }) => entries
+                    .into_iter()
+                    .find(|e| e.entry == entry)
+                    .map_or(EntryAnswer::Absent, |e| EntryAnswer::Ok(Some(e.payload))),
+                Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
+                _ => EntryAnswer::Failed,
+            };
+            takeover.on_read(member, entry, answer)
+        }
+        RecoveryAction::Write { member, entry, .. } => {
+            let answer = match result {
+                Ok(Response::Ok) => EntryAnswer::Ok(None),
+                Ok(Response::Fenced { epoch }) => EntryAnswer::Superseded(epoch),
+                _ => EntryAnswer::Failed,
+            };
+            takeover.on_write(member, entry, answer)
+        }
     }
 }
 
