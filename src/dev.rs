@@ -58,7 +58,7 @@ pub struct DevArgs {
     /// Where all cluster data lives; reused on restart.
     #[arg(long, default_value = "./warren-data")]
     pub data_dir: PathBuf,
-    /// AMQP port of compute-0; compute-i listens on this port + i.
+    /// AMQP port of compute-0; compute-i listens on this port + i. 0: any free ports.
     #[arg(long, default_value_t = 5672)]
     pub amqp_port: u16,
     /// Management HTTP port of the compute node.
@@ -270,16 +270,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let storage_count = args.zones * args.storage_per_zone;
     let storage_names: Vec<String> = (0..storage_count).map(|i| format!("storage-{i}")).collect();
     let compute_names: Vec<String> = (0..args.compute).map(|i| format!("compute-{i}")).collect();
-    let amqp_addrs: Vec<SocketAddr> = (0..args.compute)
-        .map(|i| args.amqp_port_of(i).map(loopback))
-        .collect::<anyhow::Result<_>>()?;
     let mut ports = PortReservations::default();
-    for (name, addr) in compute_names.iter().zip(&amqp_addrs) {
-        // Fail here, by name, rather than with a child that dies on a taken port.
-        ports
-            .hold_tcp(*addr)
-            .with_context(|| format!("AMQP port {} for {name} is not free", addr.port()))?;
-    }
+    let amqp_addrs: Vec<SocketAddr> = if args.amqp_port == 0 {
+        // Port 0: any free ports (they are printed, one URL per compute node).
+        (0..args.compute)
+            .map(|_| ports.tcp())
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let addrs: Vec<SocketAddr> = (0..args.compute)
+            .map(|i| args.amqp_port_of(i).map(loopback))
+            .collect::<anyhow::Result<_>>()?;
+        for (name, addr) in compute_names.iter().zip(&addrs) {
+            // Fail here, by name, rather than with a child that dies on a taken port.
+            ports
+                .hold_tcp(*addr)
+                .with_context(|| format!("AMQP port {} for {name} is not free", addr.port()))?;
+        }
+        addrs
+    };
     let mut all_names: Vec<&str> = storage_names.iter().map(String::as_str).collect();
     all_names.extend(compute_names.iter().map(String::as_str));
     // The supervisor's own identity, to read the node registry while starting up.

@@ -38,23 +38,6 @@ function unique(prefix) {
   return `${prefix}-${crypto.randomBytes(6).toString('hex')}`;
 }
 
-// The first of `n` consecutive free loopback ports (released before use).
-async function freePortRange(n) {
-  const bindable = (port) => new Promise((resolve) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', () => resolve(false));
-    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
-  });
-  for (let attempt = 0; attempt < 100; attempt++) {
-    const first = await freePort();
-    let free = first + n <= 65536;
-    for (let port = first + 1; free && port < first + n; port++) free = await bindable(port);
-    if (free) return first;
-  }
-  throw new Error(`found no ${n} consecutive free ports`);
-}
-
 class WarrenDev {
   // `compute` compute nodes over `zones` zones (`warren dev --compute N --zones Z`); `urls`
   // then holds one URL per compute node, compute-0 first.
@@ -97,7 +80,7 @@ class WarrenDev {
     }
     this.logPath = path.join(this.root, 'warren-dev.log');
     const log = fs.openSync(this.logPath, 'a');
-    const [amqpPort, httpPort] = [await freePortRange(this.compute), await freePort()];
+    const httpPort = await freePort();
     const shape = this.compute !== 1 || this.zones !== 3
       ? ['--compute', String(this.compute), '--zones', String(this.zones)]
       : [];
@@ -105,7 +88,8 @@ class WarrenDev {
     // dies without cleaning up.
     const guard = path.join(ROOT, 'tests', 'warren-dev-guard.sh');
     this.proc = spawn('/bin/sh', [guard, bin, 'dev', '--data-dir', path.join(this.root, 'data'),
-      '--amqp-port', String(amqpPort), '--http-port', String(httpPort), ...shape], {
+      // AMQP on any free ports, held by warren dev from probe to bind; the URLs say which.
+      '--amqp-port', '0', '--http-port', String(httpPort), ...shape], {
       stdio: ['pipe', 'pipe', log],
       detached: true, // its own process group
     });

@@ -40,24 +40,6 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The first of `n` consecutive free loopback ports (released before use).
-pub fn free_port_range(n: usize) -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let first = free_port()?;
-        if usize::from(first) + n > usize::from(u16::MAX) {
-            continue;
-        }
-        let all_free = (1..n).all(|i| {
-            let port = first + i as u16;
-            TcpListener::bind(("127.0.0.1", port)).is_ok()
-        });
-        if all_free {
-            return Ok(first);
-        }
-    }
-    bail!("found no {n} consecutive free ports")
-}
-
 /// The `warren` binary under test: `$WARREN_BIN`, or `target/debug/warren` of this workspace.
 pub fn warren_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os(WARREN_BIN_ENV) {
@@ -253,7 +235,6 @@ pub struct WarrenDev {
     opts: ClusterOpts,
     child: Option<Child>,
     amqp_urls: Vec<String>,
-    amqp_port: u16,
     http_port: u16,
     owned: Mutex<BTreeMap<String, OwnedNode>>,
 }
@@ -276,7 +257,6 @@ impl WarrenDev {
             opts,
             child: None,
             amqp_urls: Vec::new(),
-            amqp_port: 0,
             http_port: 0,
             owned: Mutex::new(BTreeMap::new()),
         };
@@ -297,11 +277,6 @@ impl WarrenDev {
     /// The shape this cluster was started with.
     pub fn opts(&self) -> &ClusterOpts {
         &self.opts
-    }
-
-    /// The AMQP port of compute-0 (compute-i listens on this port + i).
-    pub fn amqp_port(&self) -> u16 {
-        self.amqp_port
     }
 
     /// The management HTTP port of the compute node.
@@ -817,7 +792,6 @@ impl WarrenDev {
 
     fn spawn_once(&mut self) -> anyhow::Result<()> {
         let bin = warren_bin()?;
-        self.amqp_port = free_port_range(self.opts.compute)?;
         self.http_port = free_port()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -833,8 +807,10 @@ impl WarrenDev {
             .arg("dev")
             .arg("--data-dir")
             .arg(self.data_dir())
+            // Any free ports, held by `warren dev` from probe to bind: no other test can
+            // take one meanwhile. The URLs it prints say which.
             .arg("--amqp-port")
-            .arg(self.amqp_port.to_string())
+            .arg("0")
             .arg("--http-port")
             .arg(self.http_port.to_string())
             .args(self.cluster_args())
