@@ -58,9 +58,11 @@ fn a_consumer_cancelled_with_deliveries_in_flight_gives_its_channel_credit_back(
         conn.send_frame(FRAME_BODY, 1, body).unwrap();
     }
 
-    // Consume and cancel in one write: the first message is handed to `first` while the
-    // broker already handles the cancel, so it arrives for a consumer that is gone (or, if
-    // the broker was quicker, is delivered before cancel-ok and acked here).
+    // Consume, cancel and consume again in one write: the first message is handed to
+    // `first` while the broker already handles the cancel and the second consume, so it
+    // arrives for a consumer that is gone (or, if the broker was quicker, is delivered
+    // before cancel-ok and acked here). The credit it gives back must reach `second`,
+    // which the queue refused for want of it.
     let mut pipelined = raw::frame(
         FRAME_METHOD,
         1,
@@ -73,14 +75,14 @@ fn a_consumer_cancelled_with_deliveries_in_flight_gives_its_channel_credit_back(
         1,
         &raw::method_payload(60, 30, &cancel),
     ));
+    pipelined.extend(raw::frame(
+        FRAME_METHOD,
+        1,
+        &raw::method_payload(60, 20, &consume_args(&queue, "second")),
+    ));
     conn.send_raw(&pipelined).unwrap();
     loop {
         match conn.read_frame().unwrap().expect("connection open") {
-            Frame::Method {
-                class: 60,
-                method: 31,
-                ..
-            } => break,
             Frame::Method {
                 class: 60,
                 method: 60,
@@ -88,26 +90,11 @@ fn a_consumer_cancelled_with_deliveries_in_flight_gives_its_channel_credit_back(
                 ..
             } => {
                 let (tag, delivery) = deliver_tags(&args);
+                if tag == "second" {
+                    break;
+                }
                 assert_eq!(tag, "first");
                 ack(&mut conn, delivery);
-            }
-            _ => {}
-        }
-    }
-
-    // With the channel's single unit of credit back, the next consumer gets a message.
-    conn.send_method(1, 60, 20, &consume_args(&queue, "second"))
-        .unwrap();
-    loop {
-        match conn.read_frame().unwrap().expect("connection open") {
-            Frame::Method {
-                class: 60,
-                method: 60,
-                args,
-                ..
-            } => {
-                assert_eq!(deliver_tags(&args).0, "second");
-                break;
             }
             Frame::Method {
                 class: 20 | 10,

@@ -486,6 +486,10 @@ impl Conn {
                         }
                         n += 1;
                     }
+                    // What the events posted (a wake-up for queues waiting on the credit an
+                    // orphaned delivery gave back) goes now: the client may send nothing
+                    // until it gets a delivery.
+                    self.flush_outbox().await;
                 }
                 // The connection holds a sender itself, so the channel never closes.
                 Io::Event(None) => {}
@@ -1061,6 +1065,13 @@ impl Conn {
                     orphans = rest;
                     let n = u32::try_from(mine.len()).unwrap_or(u32::MAX);
                     let seqs = mine.into_iter().map(|(_, s)| s).collect();
+                    // Credit first: the queue hands the message on as soon as it has it
+                    // back, and must find the credit there (a consumer it refused may be
+                    // waiting for exactly this unit).
+                    let woken = self
+                        .channels
+                        .get(&channel.channel)
+                        .is_some_and(|ch| ch.limiter.release(n));
                     queue
                         .send(QueueCmd::Reject {
                             channel,
@@ -1068,10 +1079,6 @@ impl Conn {
                             requeue: true,
                         })
                         .await;
-                    let woken = self
-                        .channels
-                        .get(&channel.channel)
-                        .is_some_and(|ch| ch.limiter.release(n));
                     if woken {
                         self.wake_consumers(channel.channel).await;
                     }
