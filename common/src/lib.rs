@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod slots;
 pub mod telemetry;
 pub mod tls;
 

@@ -23,7 +23,6 @@
 //! deliveries are requeued). A peer that sends a malformed frame loses its stream, with a
 //! log line.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -33,6 +32,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::debug;
 use warren_common::config::TlsPaths;
+use warren_common::slots::KeyedSlots;
 use warren_common::{NodeId, tls};
 use warren_proto::internal::peer::{
     self as wire, ALPN, PeerEvent, PeerRequest, WireChannel, WireMessage,
@@ -94,15 +94,12 @@ pub fn endpoint(paths: &TlsPaths, addr: SocketAddr) -> Result<quinn::Endpoint, A
     Ok(endpoint)
 }
 
-/// The connection to one peer address, if one is open; locked while dialing.
-type PeerSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
-
 /// This node's QUIC endpoint and its connections to other compute nodes (one per peer).
 pub struct Peers {
     endpoint: quinn::Endpoint,
-    /// One slot per peer address; dialing one peer (up to [`CONNECT_TIMEOUT`] for a dead
-    /// one) holds only that peer's slot, never the others'.
-    conns: std::sync::Mutex<HashMap<SocketAddr, PeerSlot>>,
+    /// The connection to each peer address, if one is open; dialing one peer (up to
+    /// [`CONNECT_TIMEOUT`] for a dead one) holds only that peer's slot.
+    conns: KeyedSlots<SocketAddr, Option<quinn::Connection>>,
     /// One ordered sender of direct replies per home node.
     pub(super) replies: ReplySenders,
 }
@@ -112,7 +109,7 @@ impl Peers {
     pub fn new(endpoint: quinn::Endpoint) -> Peers {
         Peers {
             endpoint,
-            conns: std::sync::Mutex::new(HashMap::new()),
+            conns: KeyedSlots::default(),
             replies: ReplySenders::default(),
         }
     }
@@ -134,13 +131,7 @@ impl Peers {
     }
 
     async fn connection(&self, addr: SocketAddr, fresh: bool) -> Result<quinn::Connection, String> {
-        let slot = self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(addr)
-            .or_default()
-            .clone();
+        let slot = self.conns.slot(addr);
         let mut conn = slot.lock().await;
         if !fresh
             && let Some(c) = conn.as_ref()

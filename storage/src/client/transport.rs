@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use warren_common::config::TlsPaths;
+use warren_common::slots::KeyedSlots;
 use warren_common::tls::CLUSTER_SERVER_NAME;
 use warren_proto::internal::data::{self, ErrorCode, Request, Response};
 
@@ -260,7 +261,7 @@ impl Conn {
 pub struct DataClient {
     endpoint: quinn::Endpoint,
     speaker: Arc<Speaker>,
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
+    conns: KeyedSlots<SocketAddr, Slot>,
 }
 
 #[derive(Default)]
@@ -279,19 +280,13 @@ impl DataClient {
         Ok(DataClient {
             endpoint: crate::quic::client_endpoint(tls)?,
             speaker: Arc::default(),
-            conns: Mutex::new(HashMap::new()),
+            conns: KeyedSlots::default(),
         })
     }
 
     /// The open connection to `addr`, connecting if there is none or it failed.
     pub async fn conn(&self, addr: SocketAddr) -> Result<Arc<Conn>, StorageError> {
-        let slot = self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(addr)
-            .or_default()
-            .clone();
+        let slot = self.conns.slot(addr);
         let mut slot = slot.lock().await;
         if let Some(c) = slot.conn.as_ref()
             && !c.is_closed()
