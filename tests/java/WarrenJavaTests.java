@@ -154,7 +154,7 @@ public final class WarrenJavaTests {
             List<String> command = new ArrayList<>(Arrays.asList("setsid", "/bin/sh",
                     new File("tests/warren-dev-guard.sh").getAbsolutePath(), bin, "dev",
                     "--data-dir", dev.root.resolve("data").toString(),
-                    // Any free ports, held by warren dev from probe to bind; the URLs say which.
+                    // Any free ports, held by warren dev until it starts the nodes; the URLs say which.
                     "--amqp-port", "0",
                     "--http-port", String.valueOf(freePort())));
             if (compute != 1 || zones != 3) {

@@ -88,7 +88,7 @@ class WarrenDev {
     // dies without cleaning up.
     const guard = path.join(ROOT, 'tests', 'warren-dev-guard.sh');
     this.proc = spawn('/bin/sh', [guard, bin, 'dev', '--data-dir', path.join(this.root, 'data'),
-      // AMQP on any free ports, held by warren dev from probe to bind; the URLs say which.
+      // AMQP on any free ports, held by warren dev until it starts the nodes; the URLs say which.
       '--amqp-port', '0', '--http-port', String(httpPort), ...shape], {
       stdio: ['pipe', 'pipe', log],
       detached: true, // its own process group

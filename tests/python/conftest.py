@@ -89,7 +89,7 @@ class WarrenDev:
                 "/bin/sh", str(ROOT / "tests" / "warren-dev-guard.sh"),
                 self.bin, "dev",
                 "--data-dir", os.path.join(self.root, "data"),
-                # Any free ports, held by warren dev from probe to bind; the URLs say which.
+                # Any free ports, held by warren dev until it starts the nodes; the URLs say which.
                 "--amqp-port", "0",
                 "--http-port", str(free_port()),
             ]

@@ -807,8 +807,9 @@ impl WarrenDev {
             .arg("dev")
             .arg("--data-dir")
             .arg(self.data_dir())
-            // Any free ports, held by `warren dev` from probe to bind: no other test can
-            // take one meanwhile. The URLs it prints say which.
+            // Any free ports, held by `warren dev` until it starts the nodes (only the moment
+            // between that and a node's bind is left to race, hence `spawn`'s retry). The
+            // URLs it prints say which.
             .arg("--amqp-port")
             .arg("0")
             .arg("--http-port")

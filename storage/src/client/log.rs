@@ -266,6 +266,15 @@ fn send_recovery(
         ),
     };
     let Some(&node) = segment.ensemble.get(member) else {
+        // Never happens (recovery numbers the segment's own members); answered as a failed
+        // member rather than left unanswered, which would stall the takeover.
+        let _ = tx.send((
+            action,
+            Err(StorageError::Corrupt(format!(
+                "segment {} has no member {member}",
+                segment.id
+            ))),
+        ));
         return;
     };
     let client = client.clone();
